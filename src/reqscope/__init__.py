@@ -1,0 +1,91 @@
+"""reqscope: every request is an island.
+
+Per-request SQLAlchemy sessions, agents and event channels for async multi-user services,
+with the context that says whose request it is carried in contextvars.
+
+Framework adapters live in :mod:`reqscope.fastapi`, :mod:`reqscope.starlette` and
+:mod:`reqscope.asyncio`; this package never imports them.
+"""
+
+from __future__ import annotations
+
+from reqscope._breaker import CircuitBreaker, CircuitState
+from reqscope._context import (
+    AuditEvent,
+    UserExecutionContext,
+    current_context,
+    current_context_or_none,
+    use_context,
+)
+from reqscope._health import HealthReport
+from reqscope._leaks import LeakDetector, LeakReport
+from reqscope._pool import PoolConfig, PoolStats, build_engine
+from reqscope._registry import FactoryMetrics, SessionRecord, SessionTags
+from reqscope._sessions import (
+    IsolatedSessionFactory,
+    ReqscopeSession,
+    configure,
+    get_default_factory,
+    isolated_session,
+    mark_session_as_global,
+    session_tags,
+    validate_session_is_request_scoped,
+)
+from reqscope.exceptions import (
+    AgentCreationError,
+    AgentNotRegisteredError,
+    CircuitOpenError,
+    ContextValidationError,
+    DatabaseBusyError,
+    IsolationViolation,
+    NoActiveContextError,
+    PoolExhaustedError,
+    ReqscopeError,
+    RequestTimeoutError,
+    SessionReclaimedError,
+    SessionScopeError,
+    TenancyConfigurationError,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "AgentCreationError",
+    "AgentNotRegisteredError",
+    "AuditEvent",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "CircuitState",
+    "ContextValidationError",
+    "DatabaseBusyError",
+    "FactoryMetrics",
+    "HealthReport",
+    "IsolatedSessionFactory",
+    "IsolationViolation",
+    "LeakDetector",
+    "LeakReport",
+    "NoActiveContextError",
+    "PoolConfig",
+    "PoolExhaustedError",
+    "PoolStats",
+    "ReqscopeError",
+    "ReqscopeSession",
+    "RequestTimeoutError",
+    "SessionReclaimedError",
+    "SessionRecord",
+    "SessionScopeError",
+    "SessionTags",
+    "TenancyConfigurationError",
+    "UserExecutionContext",
+    "__version__",
+    "build_engine",
+    "configure",
+    "current_context",
+    "current_context_or_none",
+    "get_default_factory",
+    "isolated_session",
+    "mark_session_as_global",
+    "session_tags",
+    "use_context",
+    "validate_session_is_request_scoped",
+]

@@ -1,0 +1,206 @@
+"""Pool configuration, engine construction and pool statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import Pool
+
+from reqscope.exceptions import ReqscopeError
+
+__all__ = ["PoolConfig", "PoolStats", "build_engine", "pool_stats"]
+
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+SQLITE_BUSY_TIMEOUT_MS: Final = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """Connection pool settings for :func:`build_engine`.
+
+    Args:
+        pool_size: connections kept open.
+        max_overflow: extra connections opened under load and closed when returned.
+        pool_timeout: seconds a request waits for a free connection before
+            :class:`~reqscope.exceptions.PoolExhaustedError`.
+        pool_recycle: seconds after which a connection is replaced (server idle timeouts).
+        pool_pre_ping: test each connection on checkout (survives server restarts).
+        connect_timeout: seconds to establish a new connection; bounded so that an
+            unreachable server fails every request quickly and the circuit breaker can trip.
+    """
+
+    pool_size: int = 10
+    max_overflow: int = 15
+    pool_timeout: float = 5.0
+    pool_recycle: int = 1800
+    pool_pre_ping: bool = True
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {self.pool_size}")
+        if self.max_overflow < 0:
+            raise ValueError(f"max_overflow must be >= 0, got {self.max_overflow}")
+        if self.pool_timeout <= 0 or self.connect_timeout <= 0:
+            raise ValueError("pool_timeout and connect_timeout must be positive (seconds)")
+
+    @classmethod
+    def standard(cls) -> PoolConfig:
+        """10 connections, 15 overflow, 5 s pool timeout: a typical web service."""
+        return cls(pool_size=10, max_overflow=15, pool_timeout=5.0)
+
+    @classmethod
+    def high_performance(cls) -> PoolConfig:
+        """15 connections, 25 overflow, 3 s pool timeout: busy services that fail fast."""
+        return cls(pool_size=15, max_overflow=25, pool_timeout=3.0)
+
+    @property
+    def capacity(self) -> int:
+        """The most connections this pool opens at once."""
+        return self.pool_size + self.max_overflow
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A snapshot of a connection pool (``checked_out`` is what requests hold right now)."""
+
+    size: int
+    checked_in: int
+    checked_out: int
+    overflow: int
+    capacity: int
+
+    def __str__(self) -> str:
+        return (
+            f"size={self.size}, checked_out={self.checked_out}, checked_in={self.checked_in}, "
+            f"overflow={self.overflow}, capacity={self.capacity}"
+        )
+
+
+def pool_stats(pool: Pool) -> PoolStats | None:
+    """Return a snapshot of ``pool``, or ``None`` for pools that do not count (NullPool)."""
+    size = getattr(pool, "size", None)
+    if size is None:
+        return None
+    max_overflow = getattr(pool, "_max_overflow", 0)
+    return PoolStats(
+        size=pool.size(),  # type: ignore[attr-defined]  # QueuePool and its async variant
+        checked_in=pool.checkedin(),  # type: ignore[attr-defined]
+        checked_out=pool.checkedout(),  # type: ignore[attr-defined]
+        overflow=max(0, pool.overflow()),  # type: ignore[attr-defined]
+        capacity=pool.size() + max(0, max_overflow),  # type: ignore[attr-defined]
+    )
+
+
+def is_memory_sqlite(url: URL) -> bool:
+    """True for SQLite URLs whose database lives in one process's memory."""
+    if url.get_backend_name() != "sqlite":
+        return False
+    database = url.database or ""
+    return (
+        database in {"", ":memory:"}
+        or database.startswith("file::memory:")
+        or url.query.get("mode") == "memory"
+    )
+
+
+def refuse_memory_sqlite(url: URL) -> None:
+    """Raise when ``url`` is an in-memory SQLite database.
+
+    SQLAlchemy serves ``:memory:`` through one shared connection, so request B would see
+    request A's *uncommitted* rows: the opposite of isolation.
+    """
+    if is_memory_sqlite(url):
+        raise ReqscopeError(
+            f"refusing in-memory SQLite ({url.render_as_string()}): every session would share "
+            "one connection and see each other's uncommitted rows; use a file URL such as "
+            "'sqlite+aiosqlite:///app.db', or bind=None for reqscope's embedded default"
+        )
+
+
+def _connect_args(url: URL, timeout: float) -> dict[str, Any]:
+    driver = url.get_driver_name()
+    if driver == "asyncpg":
+        return {"timeout": timeout}
+    if driver in {"psycopg", "psycopg_async"}:
+        return {"connect_timeout": max(1, round(timeout))}
+    if driver in {"asyncmy", "aiomysql"}:
+        return {"connect_timeout": timeout}
+    if driver == "aiosqlite":
+        return {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+    return {}
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers proceed beside one writer; the busy timeout turns short write
+    # contention into a wait instead of an immediate "database is locked".
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def build_engine(url: str | URL, *, pool: PoolConfig | None = None, **engine_kwargs: Any) -> AsyncEngine:
+    """Create an ``AsyncEngine`` with reqscope's pool settings and a bounded connect timeout.
+
+    Args:
+        url: an async database URL (``postgresql+asyncpg://...``, ``sqlite+aiosqlite:///f.db``).
+        pool: pool settings; :meth:`PoolConfig.standard` when omitted.
+        **engine_kwargs: passed to :func:`sqlalchemy.ext.asyncio.create_async_engine`
+            (and win over the pool settings).
+
+    Returns:
+        A new engine; the caller owns it and must ``await engine.dispose()``.
+
+    Raises:
+        ReqscopeError: the URL is malformed, names in-memory SQLite, or its driver is not
+            installed (the message names the extra to install).
+    """
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise ReqscopeError(
+            f"cannot parse database URL {url!r}: {exc}; expected e.g. "
+            "'postgresql+asyncpg://user@host/db'"
+        ) from None
+    refuse_memory_sqlite(parsed)
+    config = pool or PoolConfig.standard()
+    kwargs: dict[str, Any] = {
+        "pool_size": config.pool_size,
+        "max_overflow": config.max_overflow,
+        "pool_timeout": config.pool_timeout,
+        "pool_recycle": config.pool_recycle,
+        "pool_pre_ping": config.pool_pre_ping,
+        "connect_args": _connect_args(parsed, config.connect_timeout),
+    }
+    kwargs.update(engine_kwargs)
+    try:
+        engine = create_async_engine(parsed, **kwargs)
+    except ModuleNotFoundError as exc:
+        raise ReqscopeError(
+            f"the driver for {parsed.drivername!r} is not installed ({exc.name}); "
+            f"install it with: pip install 'reqscope[{_extra_for(parsed)}]'"
+        ) from None
+    except Exception as exc:  # an unknown dialect is an ArgumentError/NoSuchModuleError
+        raise ReqscopeError(f"cannot create an engine for {parsed.drivername!r}: {exc}") from None
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _extra_for(url: URL) -> str:
+    driver = url.get_driver_name()
+    return {
+        "asyncpg": "postgres",
+        "psycopg": "psycopg",
+        "psycopg_async": "psycopg",
+        "asyncmy": "mysql",
+        "aiosqlite": "sqlite",
+    }.get(driver, driver)

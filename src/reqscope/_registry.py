@@ -1,0 +1,261 @@
+"""The registry of open sessions, their records, and the factory's counters.
+
+Open sessions live in one ``OrderedDict`` per lifetime (the factory default and any
+``max_lifetime`` a scope asked for). Within a bucket, open order is deadline order, so a leak
+scan pops expired entries from the front and stops at the first live one: a pass costs
+O(expired sessions + buckets), never O(open sessions).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from reqscope._breaker import CircuitState
+    from reqscope._context import UserExecutionContext
+    from reqscope._pool import PoolStats
+
+__all__ = ["FactoryMetrics", "SessionRecord", "SessionRegistry", "SessionTags"]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTags:
+    """Who owns a factory-managed session (from ``session.info``)."""
+
+    user_id: str
+    request_id: str
+    thread_id: str
+    run_id: str
+    session_id: str
+    created_at: dt.datetime
+    is_request_scoped: bool
+    factory_managed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """An open session as ``factory.active_sessions()`` reports it."""
+
+    session_id: str
+    user_id: str
+    request_id: str
+    thread_id: str
+    run_id: str
+    opened_at: dt.datetime
+    age: float
+    max_lifetime: float
+    task_name: str | None
+    stack: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FactoryMetrics:
+    """Counters and gauges of an ``IsolatedSessionFactory`` (a snapshot)."""
+
+    active_sessions: int
+    peak_active_sessions: int
+    sessions_opened: int
+    sessions_closed: int
+    sessions_failed: int
+    leaks_detected: int
+    leaks_reclaimed: int
+    isolation_violations: int
+    scope_violations: int
+    cleanup_failures: int
+    circuit_state: CircuitState
+    pool: PoolStats | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the metrics as JSON-safe data."""
+        pool = self.pool
+        return {
+            "active_sessions": self.active_sessions,
+            "peak_active_sessions": self.peak_active_sessions,
+            "sessions_opened": self.sessions_opened,
+            "sessions_closed": self.sessions_closed,
+            "sessions_failed": self.sessions_failed,
+            "leaks_detected": self.leaks_detected,
+            "leaks_reclaimed": self.leaks_reclaimed,
+            "isolation_violations": self.isolation_violations,
+            "scope_violations": self.scope_violations,
+            "cleanup_failures": self.cleanup_failures,
+            "circuit_state": self.circuit_state.value,
+            "pool": None
+            if pool is None
+            else {
+                "size": pool.size,
+                "checked_in": pool.checked_in,
+                "checked_out": pool.checked_out,
+                "overflow": pool.overflow,
+                "capacity": pool.capacity,
+            },
+        }
+
+
+class EntryState(enum.Enum):
+    """Where a session is in its life."""
+
+    ACTIVE = "active"
+    RECLAIMED = "reclaimed"
+    CLOSED = "closed"
+
+
+class Entry:
+    """The factory's private bookkeeping for one open session."""
+
+    __slots__ = (
+        "connections",
+        "ctx",
+        "deadline",
+        "global_",
+        "leak_reported",
+        "lifetime",
+        "opened_at",
+        "opened_mono",
+        "owner",
+        "session",
+        "session_id",
+        "stack",
+        "state",
+        "task_name",
+        "__weakref__",
+    )
+
+    def __init__(  # noqa: PLR0917 - internal, built in one place
+        self,
+        session_id: str,
+        ctx: UserExecutionContext,
+        session: AsyncSession,
+        opened_at: dt.datetime,
+        lifetime: float,
+        task_name: str | None,
+        stack: str | None,
+    ) -> None:
+        self.session_id = session_id
+        self.ctx = ctx
+        self.session = session
+        self.opened_at = opened_at
+        self.opened_mono = time.monotonic()
+        self.lifetime = lifetime
+        self.deadline = self.opened_mono + lifetime
+        self.task_name = task_name
+        self.stack = stack
+        self.state = EntryState.ACTIVE
+        self.global_ = False
+        self.leak_reported = False
+        self.connections: list[Connection] = []
+        self.owner: Any = None  # the IsolatedSessionFactory that opened it
+
+    def age(self, now: float | None = None) -> float:
+        """Seconds since the session was opened."""
+        return (time.monotonic() if now is None else now) - self.opened_mono
+
+    def record(self, now: float | None = None) -> SessionRecord:
+        """A public, frozen view of this entry."""
+        ctx = self.ctx
+        return SessionRecord(
+            session_id=self.session_id,
+            user_id=ctx.user_id,
+            request_id=ctx.request_id,
+            thread_id=ctx.thread_id,
+            run_id=ctx.run_id,
+            opened_at=self.opened_at,
+            age=self.age(now),
+            max_lifetime=self.lifetime,
+            task_name=self.task_name,
+            stack=self.stack,
+        )
+
+    def log_fields(self) -> dict[str, Any]:
+        """Structured ``extra=`` fields for log records about this session."""
+        ctx = self.ctx
+        return {
+            "session_id": self.session_id,
+            "user_id": ctx.user_id,
+            "request_id": ctx.request_id,
+            "thread_id": ctx.thread_id,
+            "run_id": ctx.run_id,
+        }
+
+
+class SessionRegistry:
+    """Open sessions by lifetime bucket, plus reported-but-unreclaimed leaks, plus counters."""
+
+    __slots__ = (
+        "_buckets",
+        "_reported",
+        "cleanup_failures",
+        "isolation_violations",
+        "leaks_detected",
+        "leaks_reclaimed",
+        "peak_active",
+        "scope_violations",
+        "sessions_closed",
+        "sessions_failed",
+        "sessions_opened",
+    )
+
+    def __init__(self) -> None:
+        self._buckets: dict[float, OrderedDict[str, Entry]] = {}
+        self._reported: dict[str, Entry] = {}
+        self.sessions_opened = 0
+        self.sessions_closed = 0
+        self.sessions_failed = 0
+        self.leaks_detected = 0
+        self.leaks_reclaimed = 0
+        self.isolation_violations = 0
+        self.scope_violations = 0
+        self.cleanup_failures = 0
+        self.peak_active = 0
+
+    def __len__(self) -> int:
+        return sum(len(bucket) for bucket in self._buckets.values()) + len(self._reported)
+
+    def add(self, entry: Entry) -> None:
+        """Register a newly opened session."""
+        bucket = self._buckets.get(entry.lifetime)
+        if bucket is None:
+            bucket = self._buckets[entry.lifetime] = OrderedDict()
+        bucket[entry.session_id] = entry
+        self.sessions_opened += 1
+        active = len(self)
+        if active > self.peak_active:
+            self.peak_active = active
+
+    def discard(self, entry: Entry) -> None:
+        """Forget a session (closed or reclaimed); a no-op when already gone."""
+        bucket = self._buckets.get(entry.lifetime)
+        if bucket is not None and bucket.pop(entry.session_id, None) is not None:
+            if not bucket and entry.lifetime in self._buckets and len(self._buckets) > 1:
+                del self._buckets[entry.lifetime]
+            return
+        self._reported.pop(entry.session_id, None)
+
+    def pop_expired(self, now: float) -> Iterator[Entry]:
+        """Yield and unlink entries whose deadline passed, oldest first, per bucket."""
+        for bucket in list(self._buckets.values()):
+            while bucket:
+                entry = next(iter(bucket.values()))
+                if entry.deadline > now:
+                    break
+                bucket.popitem(last=False)
+                yield entry
+
+    def keep_reported(self, entry: Entry) -> None:
+        """Keep a reported, unreclaimed leak as active without scanning it again."""
+        self._reported[entry.session_id] = entry
+
+    def entries(self) -> Iterator[Entry]:
+        """Every open session, oldest first within each bucket."""
+        for bucket in self._buckets.values():
+            yield from bucket.values()
+        yield from self._reported.values()

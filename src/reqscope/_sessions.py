@@ -1,0 +1,710 @@
+"""IsolatedSessionFactory: one new AsyncSession per request scope, enforced and reclaimed.
+
+Enforcement uses SQLAlchemy's own events, never a proxy: the session a user gets is a real
+``AsyncSession``. ``do_orm_execute``, ``before_flush`` and ``after_transaction_create`` on the
+factory's ``Session`` subclass catch ORM use; ``before_execute`` on the engine catches Core use
+through ``session.connection()``. Each scope checks a connection out of the pool when it
+opens (so pool exhaustion and outages surface there, as reqscope errors the circuit breaker
+sees) and binds its session to it, which also tells the leak detector exactly which
+connection to invalidate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import shutil
+import tempfile
+import traceback
+import weakref
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
+
+from reqscope._breaker import CircuitBreaker, is_connection_failure
+from reqscope._context import UserExecutionContext, _current, current_context, new_id
+from reqscope._leaks import LeakDetector
+from reqscope._pool import PoolConfig, PoolStats, build_engine, pool_stats, refuse_memory_sqlite
+from reqscope._registry import Entry, EntryState, FactoryMetrics, SessionRecord, SessionRegistry
+from reqscope._registry import SessionTags as SessionTags
+from reqscope.exceptions import (
+    DatabaseBusyError,
+    IsolationViolation,
+    PoolExhaustedError,
+    ReqscopeError,
+    SessionReclaimedError,
+    SessionScopeError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from reqscope._health import HealthReport
+
+__all__ = [
+    "IsolatedSessionFactory",
+    "configure",
+    "get_default_factory",
+    "isolated_session",
+    "mark_session_as_global",
+    "session_tags",
+    "validate_session_is_request_scoped",
+]
+
+logger = logging.getLogger("reqscope")
+
+DEFAULT_CLEANUP_TIMEOUT: Final = 5.0
+_TAG_KEYS: Final = (
+    "user_id",
+    "request_id",
+    "thread_id",
+    "run_id",
+    "session_id",
+    "created_at",
+    "is_request_scoped",
+    "factory_managed",
+)
+
+# Sync Session -> its entry, and sync Connection -> the entry of the session bound to it.
+_session_entries: weakref.WeakKeyDictionary[Session, Entry] = weakref.WeakKeyDictionary()
+_connection_entries: weakref.WeakKeyDictionary[Connection, Entry] = weakref.WeakKeyDictionary()
+
+
+class ReqscopeSession(Session):
+    """The sync ``Session`` class behind every factory-made ``AsyncSession``.
+
+    It exists so that reqscope's enforcement listeners apply to reqscope's sessions only.
+    """
+
+
+def _lookup(session: Session) -> Entry | None:
+    return _session_entries.get(session)
+
+
+def _enforce(entry: Entry, operation: str) -> None:
+    """Refuse ``operation`` on ``entry``'s session unless it is legal here and now."""
+    if entry.state is EntryState.ACTIVE and not entry.global_:
+        factory: IsolatedSessionFactory = entry.owner
+        if not factory.enforce_owner:
+            return
+        current = _current.get()
+        if current is None or current.user_id == entry.ctx.user_id:
+            return
+        factory._registry.isolation_violations += 1  # noqa: SLF001 - the factory's own counter
+        owner = entry.ctx
+        logger.error(
+            "reqscope: isolation violation: %s on session %s of user %r (request %s) "
+            "while user %r (request %s) is current",
+            operation,
+            entry.session_id,
+            owner.user_id,
+            owner.request_id,
+            current.user_id,
+            current.request_id,
+            extra={
+                **entry.log_fields(),
+                "current_user_id": current.user_id,
+                "current_request_id": current.request_id,
+            },
+        )
+        raise IsolationViolation(
+            f"{operation}: session {entry.session_id} belongs to user {owner.user_id!r} "
+            f"(request {owner.request_id}) but user {current.user_id!r} (request "
+            f"{current.request_id}) is current; open a session for this user with "
+            "factory.session(ctx) instead of passing sessions between requests"
+        )
+    factory = entry.owner
+    factory._registry.scope_violations += 1  # noqa: SLF001
+    ctx = entry.ctx
+    if entry.state is EntryState.RECLAIMED:
+        message = (
+            f"{operation}: session {entry.session_id} of user {ctx.user_id!r} (request "
+            f"{ctx.request_id}) was reclaimed by the leak detector after being held past its "
+            f"{entry.lifetime:.1f} s lifetime; open a new session, and pass max_lifetime= to "
+            "factory.session() for work that is meant to take longer"
+        )
+        error: SessionScopeError = SessionReclaimedError(message)
+    elif entry.global_:
+        error = SessionScopeError(
+            f"{operation}: session {entry.session_id} is marked global; request code must "
+            "use its own session from factory.session(ctx)"
+        )
+    else:
+        error = SessionScopeError(
+            f"{operation}: session {entry.session_id} of user {ctx.user_id!r} (request "
+            f"{ctx.request_id}) is used after its `async with factory.session()` block "
+            "ended; do not keep sessions on objects, globals or caches: open a new one in "
+            "each request"
+        )
+    logger.error("reqscope: %s", error, extra=entry.log_fields())
+    raise error
+
+
+@event.listens_for(ReqscopeSession, "do_orm_execute")
+def _on_orm_execute(state: ORMExecuteState) -> None:
+    entry = _lookup(state.session)
+    if entry is not None:
+        _enforce(entry, "execute")
+
+
+@event.listens_for(ReqscopeSession, "before_flush")
+def _on_flush(session: Session, _flush_context: object, _instances: object) -> None:
+    entry = _lookup(session)
+    if entry is not None:
+        _enforce(entry, "flush")
+
+
+@event.listens_for(ReqscopeSession, "after_transaction_create")
+def _on_transaction(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        entry = _lookup(session)
+        if entry is not None and entry.state is not EntryState.ACTIVE:
+            _enforce(entry, "begin")
+
+
+def _on_before_execute(conn: Connection, *_args: object) -> None:
+    entry = _connection_entries.get(conn)
+    if entry is not None:
+        _enforce(entry, "execute")
+
+
+def _on_handle_error(context: Any) -> BaseException | None:
+    original = context.original_exception
+    if "database is locked" in str(original) and context.dialect.name == "sqlite":
+        return DatabaseBusyError(
+            "SQLite reported 'database is locked': another transaction held the write lock "
+            "past the busy timeout; keep write transactions short, retry, or use a server "
+            "database for concurrent writers"
+        )
+    return None
+
+
+def _task_name() -> str | None:
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return None
+    return None if task is None else task.get_name()
+
+
+def _restore_context(token: Any, previous: UserExecutionContext | None) -> None:
+    try:
+        _current.reset(token)
+    except ValueError:  # exited in another contextvars.Context than it was entered
+        _current.set(previous)
+
+
+def _invalidate(conn: AsyncConnection | None) -> None:
+    """Drop ``conn`` from the pool for good, without I/O (frees the slot)."""
+    if conn is None:
+        return
+    sync = conn.sync_connection
+    if sync is not None and not sync.closed and not sync.invalidated:
+        sync.invalidate()
+
+
+class _SessionScope:
+    """``async with factory.session(ctx)`` / ``factory.begin(ctx)``."""
+
+    __slots__ = (
+        "_begin",
+        "_conn",
+        "_ctx",
+        "_entry",
+        "_factory",
+        "_lifetime",
+        "_previous",
+        "_probe",
+        "_session",
+        "_token",
+    )
+
+    def __init__(
+        self,
+        factory: IsolatedSessionFactory,
+        ctx: UserExecutionContext | None,
+        lifetime: float | None,
+        *,
+        begin: bool,
+    ) -> None:
+        if ctx is not None and not isinstance(ctx, UserExecutionContext):
+            raise TypeError(
+                f"factory.session() takes a UserExecutionContext, got {type(ctx).__name__}"
+            )
+        if lifetime is not None and lifetime <= 0:
+            raise ValueError(f"max_lifetime must be positive seconds, got {lifetime!r}")
+        self._factory = factory
+        self._ctx = ctx
+        self._lifetime = lifetime
+        self._begin = begin
+        self._session: AsyncSession | None = None
+
+    async def __aenter__(self) -> AsyncSession:
+        if self._session is not None:
+            raise RuntimeError("this session scope is already open; call factory.session() again")
+        factory = self._factory
+        factory._check_open()  # noqa: SLF001
+        ctx = self._ctx if self._ctx is not None else current_context()
+        self._probe = factory.circuit_breaker.before_call()
+        try:
+            conn = await factory.engine.connect()
+        except BaseException as exc:
+            factory._registry.sessions_failed += 1  # noqa: SLF001
+            if not factory.circuit_breaker.observe(exc, connecting=True) and self._probe:
+                factory.circuit_breaker.release_probe()
+            translated = factory._translate(exc)  # noqa: SLF001
+            if translated is exc:
+                raise
+            raise translated from exc
+        factory.circuit_breaker.record_success()
+        self._conn = conn
+        session = factory._new_session(conn)  # noqa: SLF001
+        entry = factory._register(session, ctx, self._lifetime)  # noqa: SLF001
+        _connection_entries[conn.sync_connection] = entry  # type: ignore[index]
+        entry.connections.append(conn.sync_connection)  # type: ignore[arg-type]
+        self._entry = entry
+        self._session = session
+        self._previous = _current.get()
+        self._token = _current.set(ctx)
+        return session
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        factory = self._factory
+        session = self._session
+        entry = self._entry
+        assert session is not None  # noqa: S101 - __aenter__ ran
+        error = exc
+        try:
+            if self._begin and error is None:
+                try:
+                    await session.commit()
+                except BaseException as commit_error:
+                    # Cancelled or failed mid-commit: the outcome is unknown, so never
+                    # report success; the connection is not trusted again.
+                    error = commit_error
+                    _invalidate(self._conn)
+                    raise
+        finally:
+            await self._release(error)
+            _restore_context(self._token, self._previous)
+        if error is not None:
+            translated = factory._translate(error)  # noqa: SLF001
+            if translated is not error:
+                raise translated from error
+        return False
+
+    async def _release(self, error: BaseException | None) -> None:
+        factory = self._factory
+        entry = self._entry
+        session = self._session
+        conn = self._conn
+        assert session is not None  # noqa: S101
+        reclaimed = entry.state is EntryState.RECLAIMED
+        if not reclaimed:
+            clean = False
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(factory.cleanup_timeout):
+                    try:
+                        await session.close()
+                        await conn.close()
+                        clean = True
+                    except Exception:
+                        factory._registry.cleanup_failures += 1  # noqa: SLF001
+                        logger.exception(
+                            "reqscope: closing session %s failed; invalidating its connection",
+                            entry.session_id,
+                            extra=entry.log_fields(),
+                        )
+            if not clean:
+                _invalidate(conn)
+        else:
+            _invalidate(conn)
+        entry.state = EntryState.CLOSED if not reclaimed else EntryState.RECLAIMED
+        _connection_entries.pop(conn.sync_connection, None)  # type: ignore[arg-type]
+        entry.connections.clear()
+        registry = factory._registry  # noqa: SLF001
+        registry.discard(entry)
+        registry.sessions_closed += 1
+        if error is not None:
+            registry.sessions_failed += 1
+            if not factory.circuit_breaker.observe(error) and self._probe:
+                factory.circuit_breaker.release_probe()
+        LeakDetector.log_late_close(entry)
+
+
+class IsolatedSessionFactory:
+    """Hands every request scope its own new ``AsyncSession``, and polices its use.
+
+    Example:
+        >>> async def handler(factory, ctx):
+        ...     async with factory.session(ctx) as session:
+        ...         return (await session.execute(text("SELECT 1"))).scalar_one()
+
+    Args:
+        bind: an ``AsyncEngine`` (you keep owning it), a URL (the factory builds and later
+            disposes an engine with ``pool``), or ``None`` for an embedded file-backed SQLite
+            database in a temporary directory (removed on :meth:`aclose`).
+        pool: pool settings when the factory builds the engine.
+        session_kwargs: extra ``AsyncSession`` arguments (``expire_on_commit`` defaults to
+            ``False``, as the SQLAlchemy asyncio docs advise).
+        max_session_lifetime: seconds after which an open session counts as leaked.
+        leak_check_interval: seconds between leak-detector passes; ``None`` picks a quarter
+            of ``max_session_lifetime`` (between 10 ms and 5 s); ``0`` disables the
+            background task (``factory.leak_detector.scan()`` still works).
+        reclaim_leaks: invalidate a leaked session's connection and poison the session.
+        capture_stacks: record the stack that opened each session (costly; for debugging).
+        enforce_owner: refuse a session used while another user's context is current.
+        circuit_breaker: the breaker guarding the database (a new one per factory when
+            omitted).
+        cleanup_timeout: seconds the shielded rollback+close may take before the
+            connection is invalidated instead.
+
+    Raises:
+        ReqscopeError: an in-memory SQLite URL or engine, or an unusable URL.
+    """
+
+    def __init__(
+        self,
+        bind: AsyncEngine | str | None = None,
+        *,
+        pool: PoolConfig | None = None,
+        session_kwargs: Mapping[str, Any] | None = None,
+        max_session_lifetime: float = 30.0,
+        leak_check_interval: float | None = None,
+        reclaim_leaks: bool = True,
+        capture_stacks: bool = False,
+        enforce_owner: bool = True,
+        circuit_breaker: CircuitBreaker | None = None,
+        cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
+    ) -> None:
+        if max_session_lifetime <= 0:
+            raise ValueError(f"max_session_lifetime must be positive, got {max_session_lifetime}")
+        self._tempdir: Path | None = None
+        self.owns_engine = not isinstance(bind, AsyncEngine)
+        if isinstance(bind, AsyncEngine):
+            refuse_memory_sqlite(bind.url)
+            self.engine = bind
+        elif bind is None:
+            self._tempdir = Path(tempfile.mkdtemp(prefix="reqscope-"))
+            url = f"sqlite+aiosqlite:///{self._tempdir / 'reqscope.sqlite3'}"
+            self.engine = build_engine(url, pool=pool)
+        else:
+            self.engine = build_engine(bind, pool=pool)
+        self.max_session_lifetime = float(max_session_lifetime)
+        if leak_check_interval is None:
+            leak_check_interval = min(5.0, max(0.01, self.max_session_lifetime / 4))
+        self.leak_check_interval = float(leak_check_interval)
+        self.capture_stacks = capture_stacks
+        self.enforce_owner = enforce_owner
+        self.cleanup_timeout = cleanup_timeout
+        self.circuit_breaker = circuit_breaker or CircuitBreaker()
+        kwargs = {"expire_on_commit": False, **(session_kwargs or {})}
+        sync_class = kwargs.pop("sync_session_class", ReqscopeSession)
+        if not issubclass(sync_class, ReqscopeSession):
+            raise ReqscopeError(
+                "session_kwargs['sync_session_class'] must subclass "
+                "reqscope.ReqscopeSession so enforcement applies to it"
+            )
+        self._session_class: type[AsyncSession] = kwargs.pop("class_", AsyncSession)
+        self._session_kwargs = {**kwargs, "sync_session_class": sync_class}
+        self._registry = SessionRegistry()
+        self.leak_detector = LeakDetector(
+            self._registry, self._reclaim, reclaim_leaks=reclaim_leaks
+        )
+        self._state = "new"
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._health_engine: AsyncEngine | None = None
+        event.listen(self.engine.sync_engine, "before_execute", _on_before_execute)
+        event.listen(self.engine.sync_engine, "handle_error", _on_handle_error)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the background leak detector (``async with factory`` calls this)."""
+        self._check_open()
+        if self._state == "started":
+            return
+        stack = contextlib.AsyncExitStack()
+        if self.leak_check_interval > 0:
+            group = await stack.enter_async_context(anyio.create_task_group())
+            group.start_soon(self.leak_detector.run, self.leak_check_interval)
+            stack.callback(group.cancel_scope.cancel)
+        self._stack = stack
+        self._state = "started"
+
+    async def aclose(self) -> None:
+        """Stop the detector, invalidate sessions still open, dispose an engine it built.
+
+        Idempotent. A closed factory refuses new sessions.
+        """
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+        for entry in list(self._registry.entries()):
+            logger.warning(
+                "reqscope: factory closing with session %s still open; invalidating it",
+                entry.session_id,
+                extra=entry.log_fields(),
+            )
+            self._reclaim(entry)
+        with anyio.CancelScope(shield=True):
+            if self._health_engine is not None:
+                await self._health_engine.dispose()
+            event.remove(self.engine.sync_engine, "before_execute", _on_before_execute)
+            event.remove(self.engine.sync_engine, "handle_error", _on_handle_error)
+            if self.owns_engine:
+                await self.engine.dispose()
+        if self._tempdir is not None:
+            shutil.rmtree(self._tempdir, ignore_errors=True)
+
+    async def __aenter__(self) -> IsolatedSessionFactory:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`aclose`."""
+        return self._state == "closed"
+
+    def _check_open(self) -> None:
+        if self._state == "closed":
+            raise ReqscopeError(
+                "this IsolatedSessionFactory is closed; create a new factory (or keep the "
+                "one your app's lifespan owns open until shutdown)"
+            )
+
+    # -- scopes ----------------------------------------------------------------------------
+
+    def session(
+        self, ctx: UserExecutionContext | None = None, *, max_lifetime: float | None = None
+    ) -> _SessionScope:
+        """Open a new session for one request; uncommitted work rolls back on exit.
+
+        Args:
+            ctx: the request's context; the current one when omitted.
+            max_lifetime: this scope's leak threshold in seconds (a long stream is not a
+                leak); the factory's ``max_session_lifetime`` when omitted.
+
+        Returns:
+            An async context manager yielding a real ``AsyncSession``. Inside the block,
+            ``ctx`` is the current context.
+
+        Raises:
+            NoActiveContextError: no ``ctx`` given and none is current.
+            CircuitOpenError: the database circuit is open.
+            PoolExhaustedError: no connection came free within ``pool_timeout``.
+        """
+        return _SessionScope(self, ctx, max_lifetime, begin=False)
+
+    def begin(
+        self, ctx: UserExecutionContext | None = None, *, max_lifetime: float | None = None
+    ) -> _SessionScope:
+        """Like :meth:`session`, but commit on success (and roll back on error)."""
+        return _SessionScope(self, ctx, max_lifetime, begin=True)
+
+    def _new_session(self, conn: AsyncConnection) -> AsyncSession:
+        return self._session_class(bind=conn, **self._session_kwargs)
+
+    def _register(
+        self, session: AsyncSession, ctx: UserExecutionContext, lifetime: float | None
+    ) -> Entry:
+        session_id = new_id()
+        opened_at = dt.datetime.now(dt.timezone.utc)
+        info = session.info
+        info["user_id"] = ctx.user_id
+        info["request_id"] = ctx.request_id
+        info["thread_id"] = ctx.thread_id
+        info["run_id"] = ctx.run_id
+        info["session_id"] = session_id
+        info["created_at"] = opened_at
+        info["is_request_scoped"] = True
+        info["factory_managed"] = True
+        entry = Entry(
+            session_id,
+            ctx,
+            session,
+            opened_at,
+            self.max_session_lifetime if lifetime is None else float(lifetime),
+            _task_name(),
+            "".join(traceback.format_stack(limit=24)[:-3]) if self.capture_stacks else None,
+        )
+        entry.owner = self
+        _session_entries[session.sync_session] = entry
+        self._registry.add(entry)
+        return entry
+
+    def _reclaim(self, entry: Entry) -> None:
+        entry.state = EntryState.RECLAIMED
+        for conn in entry.connections:
+            if not conn.closed and not conn.invalidated:
+                conn.invalidate()
+            _connection_entries.pop(conn, None)
+        entry.connections.clear()
+        self._registry.discard(entry)
+
+    def _translate(self, error: BaseException) -> BaseException:
+        if isinstance(error, sa_exc.TimeoutError) and not isinstance(error, PoolExhaustedError):
+            stats = self.pool_stats()
+            timeout = getattr(self.engine.pool, "_timeout", None)
+            return PoolExhaustedError(
+                f"no database connection came free within {timeout} s ({stats}); raise "
+                "pool_size/max_overflow, hold sessions for less time, or look for leaks "
+                "with factory.active_sessions()",
+                stats,
+            )
+        return error
+
+    # -- observation -----------------------------------------------------------------------
+
+    def pool_stats(self) -> PoolStats | None:
+        """A snapshot of the engine's pool (``None`` for pools that do not count)."""
+        return pool_stats(self.engine.pool)
+
+    def metrics(self) -> FactoryMetrics:
+        """A snapshot of the factory's counters, gauges and pool."""
+        registry = self._registry
+        return FactoryMetrics(
+            active_sessions=len(registry),
+            peak_active_sessions=registry.peak_active,
+            sessions_opened=registry.sessions_opened,
+            sessions_closed=registry.sessions_closed,
+            sessions_failed=registry.sessions_failed,
+            leaks_detected=registry.leaks_detected,
+            leaks_reclaimed=registry.leaks_reclaimed,
+            isolation_violations=registry.isolation_violations,
+            scope_violations=registry.scope_violations,
+            cleanup_failures=registry.cleanup_failures,
+            circuit_state=self.circuit_breaker.state,
+            pool=self.pool_stats(),
+        )
+
+    def active_sessions(self) -> tuple[SessionRecord, ...]:
+        """Every open session, oldest first."""
+        records = [entry.record() for entry in self._registry.entries()]
+        return tuple(sorted(records, key=lambda record: record.opened_at))
+
+    async def health(self, timeout: float = 2.0) -> HealthReport:
+        """Probe the database on a connection of its own (never the app's pool).
+
+        Returns "down" when the probe fails or times out, "degraded" when the circuit is not
+        closed or the pool is saturated, "ok" otherwise. Never raises for a database problem.
+        """
+        from reqscope._health import check_health  # noqa: PLC0415 - keeps imports acyclic
+
+        return await check_health(self, timeout)
+
+
+def _entry_of(session: AsyncSession | Session) -> Entry | None:
+    sync = session.sync_session if isinstance(session, AsyncSession) else session
+    return _session_entries.get(sync)
+
+
+def session_tags(session: AsyncSession | Session) -> SessionTags:
+    """Return who owns a factory-managed session.
+
+    Raises:
+        SessionScopeError: the session was not made by an ``IsolatedSessionFactory``.
+    """
+    info = session.info
+    if not info.get("factory_managed"):
+        raise SessionScopeError(
+            "this session was not created by an IsolatedSessionFactory, so it has no owner "
+            "tags; open it with factory.session(ctx)"
+        )
+    return SessionTags(**{key: info[key] for key in _TAG_KEYS})
+
+
+def validate_session_is_request_scoped(
+    session: AsyncSession | Session, operation: str = ""
+) -> None:
+    """Raise unless ``session`` is factory-managed, inside its block, and not global.
+
+    Raises:
+        SessionScopeError: naming ``operation`` and what is wrong.
+    """
+    where = f"{operation}: " if operation else ""
+    entry = _entry_of(session)
+    if entry is None:
+        raise SessionScopeError(
+            f"{where}this session is not managed by an IsolatedSessionFactory (a global or "
+            "hand-made session?); use `async with factory.session(ctx) as session`"
+        )
+    if entry.global_:
+        raise SessionScopeError(f"{where}session {entry.session_id} is marked global")
+    if entry.state is EntryState.RECLAIMED:
+        raise SessionReclaimedError(
+            f"{where}session {entry.session_id} was reclaimed by the leak detector; "
+            "open a new one"
+        )
+    if entry.state is not EntryState.ACTIVE:
+        raise SessionScopeError(
+            f"{where}session {entry.session_id} is used after its request scope ended; "
+            "open a new one per request"
+        )
+
+
+def mark_session_as_global(session: AsyncSession | Session) -> None:
+    """Mark a session as global (legacy code under test): every later use is refused."""
+    session.info["is_request_scoped"] = False
+    entry = _entry_of(session)
+    if entry is not None:
+        entry.global_ = True
+
+
+_default: IsolatedSessionFactory | None = None
+
+
+def configure(bind: AsyncEngine | str | None = None, **factory_kwargs: Any) -> IsolatedSessionFactory:
+    """Create the process-wide default factory and return it.
+
+    A previously configured default is replaced, not closed: close it yourself.
+    """
+    global _default  # noqa: PLW0603 - the one process-wide default is the point
+    _default = IsolatedSessionFactory(bind, **factory_kwargs)
+    return _default
+
+
+def get_default_factory() -> IsolatedSessionFactory:
+    """Return the default factory set by :func:`configure`.
+
+    Raises:
+        ReqscopeError: none configured.
+    """
+    if _default is None:
+        raise ReqscopeError(
+            "no default session factory: call reqscope.configure(bind=...) at startup, "
+            "or use an IsolatedSessionFactory directly"
+        )
+    return _default
+
+
+def isolated_session(
+    ctx: UserExecutionContext | None = None, *, max_lifetime: float | None = None
+) -> _SessionScope:
+    """``get_default_factory().session(ctx)``."""
+    return get_default_factory().session(ctx, max_lifetime=max_lifetime)
