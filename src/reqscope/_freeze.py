@@ -88,7 +88,7 @@ class _Budget:
     __slots__ = ("nodes", "root")
 
     def __init__(self, root: str) -> None:
-        self.nodes = 0
+        self.nodes = -1  # the root mapping is the container, not a value
         self.root = root
 
 

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection
-    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
     from reqscope._breaker import CircuitState
     from reqscope._context import UserExecutionContext
@@ -152,7 +151,7 @@ class Entry:
         self.state = EntryState.ACTIVE
         self.global_ = False
         self.leak_reported = False
-        self.connections: list[Connection] = []
+        self.connections: list[AsyncConnection] = []
         self.owner: Any = None  # the IsolatedSessionFactory that opened it
 
     def age(self, now: float | None = None) -> float:

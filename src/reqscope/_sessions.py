@@ -79,15 +79,23 @@ _session_entries: weakref.WeakKeyDictionary[Session, Entry] = weakref.WeakKeyDic
 _connection_entries: weakref.WeakKeyDictionary[Connection, Entry] = weakref.WeakKeyDictionary()
 
 
+def _lookup(session: Session) -> Entry | None:
+    return _session_entries.get(session)
+
+
 class ReqscopeSession(Session):
     """The sync ``Session`` class behind every factory-made ``AsyncSession``.
 
     It exists so that reqscope's enforcement listeners apply to reqscope's sessions only.
+    ``connection()`` is checked here because no session event fires before it hands out
+    a connection.
     """
 
-
-def _lookup(session: Session) -> Entry | None:
-    return _session_entries.get(session)
+    def connection(self, *args: Any, **kwargs: Any) -> Connection:  # noqa: D102
+        entry = _lookup(self)
+        if entry is not None and entry.state is not EntryState.ACTIVE:
+            _enforce(entry, "connection")
+        return super().connection(*args, **kwargs)
 
 
 def _enforce(entry: Entry, operation: str) -> None:
@@ -210,6 +218,8 @@ def _invalidate(conn: AsyncConnection | None) -> None:
     sync = conn.sync_connection
     if sync is not None and not sync.closed and not sync.invalidated:
         sync.invalidate()
+    if sync is not None:
+        _connection_entries.pop(sync, None)
 
 
 class _SessionScope:
@@ -270,7 +280,7 @@ class _SessionScope:
         session = factory._new_session(conn)  # noqa: SLF001
         entry = factory._register(session, ctx, self._lifetime)  # noqa: SLF001
         _connection_entries[conn.sync_connection] = entry  # type: ignore[index]
-        entry.connections.append(conn.sync_connection)  # type: ignore[arg-type]
+        entry.connections.append(conn)
         self._entry = entry
         self._session = session
         self._previous = _current.get()
@@ -334,7 +344,8 @@ class _SessionScope:
         else:
             _invalidate(conn)
         entry.state = EntryState.CLOSED if not reclaimed else EntryState.RECLAIMED
-        _connection_entries.pop(conn.sync_connection, None)  # type: ignore[arg-type]
+        if conn.sync_connection is not None:
+            _connection_entries.pop(conn.sync_connection, None)
         entry.connections.clear()
         registry = factory._registry  # noqa: SLF001
         registry.discard(entry)
@@ -463,7 +474,7 @@ class IsolatedSessionFactory:
                 entry.session_id,
                 extra=entry.log_fields(),
             )
-            self._reclaim(entry)
+            await self._reclaim_gracefully(entry)
         with anyio.CancelScope(shield=True):
             if self._health_engine is not None:
                 await self._health_engine.dispose()
@@ -559,12 +570,20 @@ class IsolatedSessionFactory:
         return entry
 
     def _reclaim(self, entry: Entry) -> None:
+        # Synchronous: the leak detector's scan() must not await. Invalidation frees the
+        # pool slot and never returns the (possibly busy) connection to the pool.
         entry.state = EntryState.RECLAIMED
         for conn in entry.connections:
-            if not conn.closed and not conn.invalidated:
-                conn.invalidate()
-            _connection_entries.pop(conn, None)
-        entry.connections.clear()
+            _invalidate(conn)
+        self._registry.discard(entry)
+
+    async def _reclaim_gracefully(self, entry: Entry) -> None:
+        entry.state = EntryState.RECLAIMED
+        for conn in entry.connections:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.cleanup_timeout):
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+            _invalidate(conn)
         self._registry.discard(entry)
 
     def _translate(self, error: BaseException) -> BaseException:

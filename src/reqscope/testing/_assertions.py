@@ -1,0 +1,44 @@
+"""assert_no_leaks and assert_no_violations."""
+
+from __future__ import annotations
+
+from reqscope._sessions import IsolatedSessionFactory
+
+__all__ = ["assert_no_leaks", "assert_no_violations"]
+
+
+def assert_no_leaks(factory: IsolatedSessionFactory) -> None:
+    """Fail unless no session is open, no connection is checked out and none was reclaimed.
+
+    Raises:
+        AssertionError: listing what is still open, with ids and ages.
+    """
+    metrics = factory.metrics()
+    problems: list[str] = []
+    for record in factory.active_sessions():
+        problems.append(
+            f"session {record.session_id} of user {record.user_id!r} (request "
+            f"{record.request_id}, task {record.task_name}) open for {record.age:.2f} s"
+        )
+    if metrics.pool is not None and metrics.pool.checked_out:
+        problems.append(f"{metrics.pool.checked_out} connection(s) still checked out ({metrics.pool})")
+    if metrics.leaks_detected:
+        problems.append(
+            f"{metrics.leaks_detected} leak(s) detected, {metrics.leaks_reclaimed} reclaimed"
+        )
+    if problems:
+        raise AssertionError("reqscope found leaks:\n  " + "\n  ".join(problems))
+
+
+def assert_no_violations(factory: IsolatedSessionFactory) -> None:
+    """Fail if any session was used by another user or outside its scope.
+
+    Raises:
+        AssertionError: with the counts.
+    """
+    metrics = factory.metrics()
+    if metrics.isolation_violations or metrics.scope_violations:
+        raise AssertionError(
+            f"reqscope refused {metrics.isolation_violations} isolation violation(s) and "
+            f"{metrics.scope_violations} scope violation(s); see the 'reqscope' log for ids"
+        )

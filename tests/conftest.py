@@ -1,0 +1,104 @@
+"""Shared fixtures: the anyio backend and the parametrized database fixtures.
+
+Server-backed databases are read from environment variables and skipped without them,
+except when ``REQSCOPE_REQUIRE_SERVICES=1`` (CI), where a missing or unreachable server
+fails the test instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from reqscope import IsolatedSessionFactory, PoolConfig, UserExecutionContext
+
+REQUIRE_SERVICES = os.environ.get("REQSCOPE_REQUIRE_SERVICES") == "1"
+
+
+@dataclass(frozen=True)
+class Database:
+    name: str
+    url: str
+
+    @property
+    def backend(self) -> str:
+        return make_url(self.url).get_backend_name()
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.backend == "postgresql"
+
+
+_SERVERS = {
+    "postgres-asyncpg": "REQSCOPE_TEST_POSTGRES_URL",
+    "postgres-psycopg": "REQSCOPE_TEST_PSYCOPG_URL",
+    "mysql-asyncmy": "REQSCOPE_TEST_MYSQL_URL",
+}
+
+
+def _reachable(url: str) -> bool:
+    parsed = make_url(url)
+    try:
+        with socket.create_connection((parsed.host or "127.0.0.1", parsed.port or 5432), 2):
+            return True
+    except OSError:
+        return False
+
+
+def server_url(name: str) -> str:
+    """The URL of server database ``name``, or skip (fail under REQUIRE_SERVICES)."""
+    variable = _SERVERS[name]
+    url = os.environ.get(variable)
+    if not url:
+        if REQUIRE_SERVICES:
+            pytest.fail(f"{variable} is not set but REQSCOPE_REQUIRE_SERVICES=1")
+        pytest.skip(f"{variable} is not set")
+    if not _reachable(url):
+        if REQUIRE_SERVICES:
+            pytest.fail(f"{name} at {variable} is unreachable but REQSCOPE_REQUIRE_SERVICES=1")
+        pytest.skip(f"{name} at {variable} is unreachable")
+    return url
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(name="database", params=["sqlite", *_SERVERS])
+def _database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    if request.param == "sqlite":
+        return Database("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'test.sqlite3'}")
+    return Database(request.param, server_url(request.param))
+
+
+@pytest.fixture(name="postgres", params=["postgres-asyncpg", "postgres-psycopg"])
+def _postgres(request: pytest.FixtureRequest) -> Database:
+    return Database(request.param, server_url(request.param))
+
+
+@pytest.fixture(name="factory")
+async def _factory(database: Database) -> AsyncIterator[IsolatedSessionFactory]:
+    async with IsolatedSessionFactory(
+        database.url, pool=PoolConfig(pool_size=5, max_overflow=5, pool_timeout=5.0)
+    ) as factory:
+        yield factory
+        metrics = factory.metrics()
+        assert metrics.active_sessions == 0
+        assert metrics.pool is None or metrics.pool.checked_out == 0
+
+
+@pytest.fixture(name="alice")
+def _alice() -> UserExecutionContext:
+    return UserExecutionContext.create("alice")
+
+
+@pytest.fixture(name="bob")
+def _bob() -> UserExecutionContext:
+    return UserExecutionContext.create("bob")

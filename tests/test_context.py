@@ -1,0 +1,432 @@
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import enum
+import uuid
+from decimal import Decimal
+
+import anyio
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy import create_engine
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+from reqscope import (
+    AuditEvent,
+    ContextValidationError,
+    NoActiveContextError,
+    UserExecutionContext,
+    current_context,
+    current_context_or_none,
+    use_context,
+)
+
+PLACEHOLDERS = ["None", "null", "undefined", "nil", "placeholder", "default_user"]
+
+ids = st.text(
+    st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=64
+).filter(lambda s: s == s.strip() and s.lower() not in {p.lower() for p in PLACEHOLDERS})
+
+json_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+    | st.datetimes(timezones=st.none() | st.just(dt.timezone.utc))
+    | st.dates()
+    | st.uuids()
+    | st.decimals(allow_nan=False, allow_infinity=False, places=4)
+    | st.binary(max_size=16)
+)
+metadata_values = st.recursive(
+    json_leaves,
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+metadata = st.dictionaries(st.text(max_size=10), metadata_values, max_size=6)
+
+
+@st.composite
+def contexts(draw: st.DrawFn) -> UserExecutionContext:
+    ctx = UserExecutionContext.create(
+        draw(ids),
+        thread_id=draw(st.none() | ids),
+        run_id=draw(st.none() | ids),
+        websocket_client_id=draw(st.none() | ids),
+        metadata=draw(metadata),
+    )
+    for _ in range(draw(st.integers(0, 3))):
+        ctx = ctx.child(draw(ids), **draw(st.dictionaries(st.from_regex(r"[a-z]{1,5}", fullmatch=True), metadata_values, max_size=2)))
+    return ctx
+
+
+@given(contexts())
+def test_dict_round_trip_is_lossless(ctx: UserExecutionContext) -> None:
+    assert UserExecutionContext.from_dict(ctx.to_dict()) == ctx
+
+
+@given(contexts())
+def test_header_round_trip_is_lossless(ctx: UserExecutionContext) -> None:
+    headers = ctx.to_headers()
+    assert all(value.isascii() for value in headers.values())
+    assert UserExecutionContext.from_headers(headers) == ctx
+    upper = {key.upper(): value for key, value in headers.items()}
+    assert UserExecutionContext.from_headers(list(upper.items())) == ctx
+
+
+@given(contexts())
+def test_to_dict_is_json_safe(ctx: UserExecutionContext) -> None:
+    import json
+
+    assert json.loads(json.dumps(ctx.to_dict())) == ctx.to_dict()
+
+
+@given(metadata)
+def test_mutating_input_never_changes_the_context(data: dict) -> None:
+    import copy
+
+    snapshot = copy.deepcopy(data)
+    ctx = UserExecutionContext.create("alice", metadata=data)
+    before = ctx.to_dict()["metadata"]
+    data["injected"] = 1
+    for value in data.values():
+        if isinstance(value, list):
+            value.append("x")
+        if isinstance(value, dict):
+            value["x"] = 1
+    assert ctx.to_dict()["metadata"] == before
+    assert UserExecutionContext.create("alice", metadata=snapshot).metadata == ctx.metadata
+
+
+@given(contexts(), ids)
+def test_children_keep_ids_and_chain_parents(ctx: UserExecutionContext, operation: str) -> None:
+    child = ctx.child(operation)
+    grandchild = child.child(operation)
+    for descendant, parent in ((child, ctx), (grandchild, child)):
+        assert descendant.user_id == ctx.user_id
+        assert descendant.thread_id == ctx.thread_id
+        assert descendant.run_id == ctx.run_id
+        assert descendant.websocket_client_id == ctx.websocket_client_id
+        assert descendant.parent_request_id == parent.request_id
+        assert descendant.request_id != parent.request_id
+        assert descendant.operation_depth == parent.operation_depth + 1
+        assert descendant.audit_trail[-1].action == "child"
+        assert descendant.audit_trail[-1].detail == operation
+
+
+def test_metadata_is_deep_frozen() -> None:
+    ctx = UserExecutionContext.create(
+        "alice", metadata={"a": {"b": [1, {"c": 2}]}, "e": (1, 2)}
+    )
+    assert ctx.metadata["a"]["b"] == (1, {"c": 2})
+    assert isinstance(ctx.metadata["a"]["b"], tuple)
+    with pytest.raises(TypeError):
+        ctx.metadata["x"] = 1  # type: ignore[index]
+    with pytest.raises(TypeError):
+        ctx.metadata["a"]["b"][1]["c"] = 3
+    with pytest.raises(AttributeError):
+        ctx.user_id = "bob"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        ctx.metadata.anything = 1  # type: ignore[attr-defined]
+    assert hash(ctx) == hash(UserExecutionContext.from_dict(ctx.to_dict()))
+
+
+def test_dataclass_is_slotted_and_frozen() -> None:
+    ctx = UserExecutionContext.create("alice")
+    assert not hasattr(ctx, "__dict__")
+    with pytest.raises(AttributeError):
+        object.__getattribute__(ctx, "__dict__")
+
+
+def test_special_metadata_values_round_trip() -> None:
+    class Color(enum.Enum):
+        RED = "red"
+
+    values = {
+        "when": dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=dt.timezone.utc),
+        "naive": dt.datetime(2026, 1, 2),
+        "day": dt.date(2026, 1, 2),
+        "id": uuid.UUID(int=7),
+        "amount": Decimal("1.10"),
+        "raw": b"\x00\xff",
+        "color": Color.RED,
+        "$dollar": {"$datetime": "not a tag"},
+        "nested": [{"x": (1, 2)}],
+    }
+    ctx = UserExecutionContext.create("alice", metadata=values)
+    assert ctx.metadata["color"] == "red"  # enums travel as their value
+    again = UserExecutionContext.from_dict(ctx.to_dict())
+    assert again == ctx
+    assert again.metadata["$dollar"] == {"$datetime": "not a tag"}
+    assert again.metadata["amount"] == Decimal("1.10")
+    assert str(again.metadata["amount"]) == "1.10"
+
+
+def test_create_generates_ids_and_records_creation() -> None:
+    ctx = UserExecutionContext.create("alice")
+    assert len({ctx.thread_id, ctx.run_id, ctx.request_id}) == 3
+    assert ctx.created_at.tzinfo is dt.timezone.utc
+    assert ctx.audit_trail[0].action == "created"
+    assert ctx.operation_depth == 0
+    assert ctx.parent_request_id is None
+
+
+def test_with_metadata_keeps_ids() -> None:
+    ctx = UserExecutionContext.create("alice", metadata={"a": 1})
+    other = ctx.with_metadata(b=2)
+    assert other.request_id == ctx.request_id
+    assert dict(other.metadata) == {"a": 1, "b": 2}
+    assert dict(ctx.metadata) == {"a": 1}
+    assert other.audit_trail[-1].action == "with_metadata"
+
+
+def test_created_at_is_normalised_to_utc() -> None:
+    tz = dt.timezone(dt.timedelta(hours=2))
+    ctx = UserExecutionContext("a", "b", "c", "d", created_at=dt.datetime(2026, 1, 1, 12, tzinfo=tz))
+    assert ctx.created_at == dt.datetime(2026, 1, 1, 10, tzinfo=dt.timezone.utc)
+    assert ctx.created_at.tzinfo is dt.timezone.utc
+    with pytest.raises(ContextValidationError, match="created_at"):
+        UserExecutionContext("a", "b", "c", "d", created_at=dt.datetime(2026, 1, 1))
+
+
+# -- invalid input ------------------------------------------------------------------------
+
+BAD_IDS = [
+    ("", "empty"),
+    (" alice", "whitespace"),
+    ("alice ", "whitespace"),
+    ("\talice", "control"),
+    ("al\nice", "control"),
+    ("al\x00ice", "control"),
+    ("al\x7fice", "control"),
+    ("x" * 257, "257"),
+    (42, "must be a str"),
+    (None, "must be a str"),
+    (b"alice", "must be a str"),
+] + [(variant, "placeholder") for p in PLACEHOLDERS for variant in (p, p.upper(), p.title())]
+
+
+@pytest.mark.parametrize(("value", "problem"), BAD_IDS)
+@pytest.mark.parametrize("field", ["user_id", "thread_id", "run_id", "request_id"])
+def test_invalid_ids_are_rejected_naming_the_field(value, problem, field) -> None:
+    kwargs = {"user_id": "u", "thread_id": "t", "run_id": "r", "request_id": "q", field: value}
+    with pytest.raises(ContextValidationError, match=problem) as info:
+        UserExecutionContext(**kwargs)
+    assert info.value.field == field
+    assert str(info.value).startswith(field)
+
+
+@pytest.mark.parametrize(("value", "problem"), BAD_IDS)
+def test_create_rejects_invalid_user_ids(value, problem) -> None:
+    with pytest.raises(ContextValidationError, match=problem):
+        UserExecutionContext.create(value)
+
+
+@pytest.mark.parametrize("field", ["websocket_client_id", "parent_request_id"])
+def test_optional_ids_are_validated_when_given(field) -> None:
+    with pytest.raises(ContextValidationError, match=field):
+        UserExecutionContext("u", "t", "r", "q", **{field: "null"})
+
+
+def test_a_256_character_id_is_fine() -> None:
+    assert UserExecutionContext.create("x" * 256).user_id == "x" * 256
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        lambda: create_engine("sqlite://"),
+        lambda: create_engine("sqlite://").connect(),
+        lambda: Session(),
+        lambda: AsyncSession(),
+        lambda: create_async_engine("sqlite+aiosqlite://"),
+    ],
+    ids=["Engine", "Connection", "Session", "AsyncSession", "AsyncEngine"],
+)
+def test_database_resources_are_refused_at_depth_three(resource) -> None:
+    obj = resource()
+    try:
+        with pytest.raises(ContextValidationError, match="database") as info:
+            UserExecutionContext.create("alice", metadata={"a": [0, 1, {"db": obj}]})
+        assert info.value.field == "metadata['a'][2]['db']"
+        assert "factory.session(ctx)" in str(info.value)
+    finally:
+        close = getattr(obj, "close", None)
+        if close is not None and not isinstance(obj, AsyncSession):
+            close()
+
+
+@pytest.mark.parametrize(
+    ("value", "path", "problem"),
+    [
+        ({"s": {1, 2}}, "metadata['s']", "set"),
+        ({"o": object()}, "metadata['o']", "cannot be stored"),
+        ({"f": float("nan")}, "metadata['f']", "JSON-safe"),
+        ({"f": float("inf")}, "metadata['f']", "JSON-safe"),
+        ({"b": bytearray(b"x")}, "metadata['b']", "mutable"),
+        ({"d": {1: "x"}}, "metadata['d'][1]", "keys must be str"),
+        ({"fn": print}, "metadata['fn']", "cannot be stored"),
+    ],
+)
+def test_invalid_metadata_names_the_key_path(value, path, problem) -> None:
+    with pytest.raises(ContextValidationError, match=problem) as info:
+        UserExecutionContext.create("alice", metadata=value)
+    assert info.value.field == path
+
+
+def nested(depth: int) -> dict:
+    data: dict = {"leaf": 1}
+    for _ in range(depth - 1):
+        data = {"n": data}
+    return data
+
+
+def test_depth_limit() -> None:
+    UserExecutionContext.create("alice", metadata=nested(16))
+    with pytest.raises(ContextValidationError, match="deeper than 16"):
+        UserExecutionContext.create("alice", metadata=nested(17))
+
+
+def test_node_limit() -> None:
+    UserExecutionContext.create("alice", metadata={f"k{i}": i for i in range(10_000)})
+    with pytest.raises(ContextValidationError, match="10000"):
+        UserExecutionContext.create("alice", metadata={f"k{i}": i for i in range(10_001)})
+    with pytest.raises(ContextValidationError, match="10000"):
+        UserExecutionContext.create("alice", metadata={"list": list(range(10_000))})
+
+
+def test_child_depth_limit() -> None:
+    ctx = UserExecutionContext.create("alice")
+    for _ in range(32):
+        ctx = ctx.child("step")
+    assert ctx.operation_depth == 32
+    with pytest.raises(ContextValidationError, match="operation_depth"):
+        ctx.child("step")
+    with pytest.raises(ContextValidationError, match="operation_depth"):
+        UserExecutionContext("u", "t", "r", "q", operation_depth=33)
+
+
+def test_child_validates_operation_and_metadata() -> None:
+    ctx = UserExecutionContext.create("alice")
+    with pytest.raises(ContextValidationError, match="operation"):
+        ctx.child("")
+    with pytest.raises(ContextValidationError, match=r"metadata\['db'\]"):
+        ctx.child("op", db=Session())
+
+
+def test_from_dict_rejects_bad_input() -> None:
+    good = UserExecutionContext.create("alice").to_dict()
+    with pytest.raises(ContextValidationError, match="unknown field"):
+        UserExecutionContext.from_dict({**good, "extra": 1})
+    with pytest.raises(ContextValidationError, match="user_id: is required"):
+        UserExecutionContext.from_dict({k: v for k, v in good.items() if k != "user_id"})
+    with pytest.raises(ContextValidationError, match="placeholder"):
+        UserExecutionContext.from_dict({**good, "user_id": "undefined"})
+    with pytest.raises(ContextValidationError, match="created_at"):
+        UserExecutionContext.from_dict({**good, "created_at": "yesterday"})
+    with pytest.raises(ContextValidationError, match="uuid"):
+        UserExecutionContext.from_dict({**good, "metadata": {"x": {"$uuid": "nope"}}})
+    with pytest.raises(ContextValidationError, match="unknown tag"):
+        UserExecutionContext.from_dict({**good, "metadata": {"$x": 1, "y": 2}})
+    with pytest.raises(ContextValidationError, match="must be a mapping"):
+        UserExecutionContext.from_dict([])  # type: ignore[arg-type]
+
+
+def test_from_headers_rejects_missing_malformed_and_altered() -> None:
+    headers = UserExecutionContext.create("alice").to_headers()
+    with pytest.raises(ContextValidationError, match="missing"):
+        UserExecutionContext.from_headers({})
+    with pytest.raises(ContextValidationError, match="not valid"):
+        UserExecutionContext.from_headers({"x-reqscope-context": "!!!"})
+    with pytest.raises(ContextValidationError, match="altered"):
+        UserExecutionContext.from_headers({**headers, "x-reqscope-user-id": "mallory"})
+
+
+def test_audit_events_validate() -> None:
+    now = dt.datetime.now(dt.timezone.utc)
+    with pytest.raises(ContextValidationError, match="action"):
+        AuditEvent(now, "")
+    with pytest.raises(ContextValidationError, match="timezone-aware"):
+        AuditEvent(dt.datetime(2026, 1, 1), "x")
+    with pytest.raises(ContextValidationError, match="audit_trail"):
+        UserExecutionContext("u", "t", "r", "q", audit_trail=("not an event",))  # type: ignore[arg-type]
+    assert AuditEvent.from_dict(AuditEvent(now, "x", "y").to_dict()) == AuditEvent(now, "x", "y")
+
+
+def test_audit_trail_is_bounded() -> None:
+    ctx = UserExecutionContext.create("alice")
+    for i in range(300):
+        ctx = ctx.with_metadata(i=i)
+    assert len(ctx.audit_trail) == 128
+
+
+# -- the current context -----------------------------------------------------------------
+
+
+def test_no_current_context() -> None:
+    assert current_context_or_none() is None
+    with pytest.raises(NoActiveContextError, match="use_context"):
+        current_context()
+
+
+def test_use_context_restores_on_exit_and_error() -> None:
+    outer = UserExecutionContext.create("outer")
+    inner = UserExecutionContext.create("inner")
+    with use_context(outer):
+        with pytest.raises(RuntimeError), use_context(inner):
+            assert current_context() is inner
+            raise RuntimeError
+        assert current_context() is outer
+    assert current_context_or_none() is None
+
+
+def test_use_context_refuses_non_contexts_and_reentry() -> None:
+    with pytest.raises(TypeError, match="UserExecutionContext"):
+        use_context({"user_id": "x"})  # type: ignore[arg-type]
+    manager = use_context(UserExecutionContext.create("a"))
+    with manager, pytest.raises(RuntimeError, match="already entered"), manager:
+        pass
+
+
+@pytest.mark.anyio
+async def test_context_survives_await_and_is_inherited_by_tasks() -> None:
+    ctx = UserExecutionContext.create("alice")
+    seen: list[str] = []
+
+    async def child() -> None:
+        await anyio.sleep(0)
+        seen.append(current_context().user_id)
+
+    with use_context(ctx):
+        await anyio.sleep(0)
+        assert current_context() is ctx
+        await asyncio.create_task(child())
+        async with anyio.create_task_group() as group:
+            group.start_soon(child)
+    assert seen == ["alice", "alice"]
+    assert current_context_or_none() is None
+
+
+@pytest.mark.anyio
+async def test_a_thousand_concurrent_tasks_never_see_each_other() -> None:
+    errors: list[str] = []
+
+    async def request(i: int) -> None:
+        ctx = UserExecutionContext.create(f"user-{i}")
+        with use_context(ctx):
+            for _ in range(5):
+                await anyio.sleep(0)
+                if current_context() is not ctx:
+                    errors.append(f"task {i} saw {current_context().user_id}")
+        if current_context_or_none() is not None:
+            errors.append(f"task {i} kept a context")
+
+    async with anyio.create_task_group() as group:
+        for i in range(1000):
+            group.start_soon(request, i)
+    assert errors == []

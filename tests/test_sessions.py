@@ -1,0 +1,394 @@
+"""IsolatedSessionFactory behaviour, the same tests on every database of the fixture."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+from models import Note, create_tables, drop_tables
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from reqscope import (
+    IsolatedSessionFactory,
+    IsolationViolation,
+    NoActiveContextError,
+    SessionScopeError,
+    UserExecutionContext,
+    current_context,
+    current_context_or_none,
+    mark_session_as_global,
+    session_tags,
+    use_context,
+    validate_session_is_request_scoped,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(name="tables")
+async def _tables(factory: IsolatedSessionFactory) -> AsyncIterator[None]:
+    await create_tables(factory.engine)
+    yield
+    await drop_tables(factory.engine)
+
+
+async def count_notes(factory: IsolatedSessionFactory, user: str | None = None) -> int:
+    async with factory.session(UserExecutionContext.create(user or "counter")) as session:
+        query = select(func.count()).select_from(Note)
+        if user is not None:
+            query = query.where(Note.user_id == user)
+        return (await session.execute(query)).scalar_one()
+
+
+async def test_session_is_a_real_tagged_async_session(factory, alice) -> None:
+    async with factory.session(alice) as session:
+        assert type(session) is AsyncSession
+        assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+        tags = session_tags(session)
+        assert (tags.user_id, tags.request_id, tags.thread_id, tags.run_id) == (
+            alice.user_id,
+            alice.request_id,
+            alice.thread_id,
+            alice.run_id,
+        )
+        assert tags.is_request_scoped
+        assert tags.factory_managed
+        for key in ("user_id", "request_id", "session_id", "created_at", "factory_managed"):
+            assert key in session.info
+        assert current_context() is alice
+        validate_session_is_request_scoped(session, "inside")
+    assert current_context_or_none() is None
+
+
+async def test_every_scope_gets_a_new_session(factory, alice) -> None:
+    async with factory.session(alice) as first:
+        pass
+    async with factory.session(alice) as second:
+        pass
+    assert first is not second
+    assert session_tags(first).session_id != session_tags(second).session_id
+
+
+async def test_context_defaults_to_the_current_one(factory, alice) -> None:
+    with pytest.raises(NoActiveContextError):
+        async with factory.session():
+            pass
+    with use_context(alice):
+        async with factory.session() as session:
+            assert session.info["request_id"] == alice.request_id
+        assert current_context() is alice
+
+
+async def test_uncommitted_work_rolls_back_and_begin_commits(factory, alice, tables) -> None:
+    async with factory.session(alice) as session:
+        session.add(Note(user_id="alice", body="draft"))
+        await session.flush()
+    assert await count_notes(factory) == 0
+    async with factory.begin(alice) as session:
+        session.add(Note(user_id="alice", body="kept"))
+    assert await count_notes(factory) == 1
+    with pytest.raises(RuntimeError, match="boom"):
+        async with factory.begin(alice) as session:
+            session.add(Note(user_id="alice", body="lost"))
+            await session.flush()
+            raise RuntimeError("boom")
+    assert await count_notes(factory) == 1
+    async with factory.session(alice) as session:
+        async with session.begin():
+            session.add(Note(user_id="alice", body="explicit"))
+        assert session.info["user_id"] == "alice"
+    assert await count_notes(factory) == 2
+
+
+async def use_paths(session: AsyncSession) -> list[tuple[str, object]]:
+    """Every way a session reaches the database; each must be refused when illegal."""
+
+    async def execute() -> None:
+        await session.execute(select(Note))
+
+    async def scalars() -> None:
+        await session.scalars(select(Note))
+
+    async def scalar() -> None:
+        await session.scalar(select(func.count()).select_from(Note))
+
+    async def get() -> None:
+        await session.get(Note, 10_000)
+
+    async def stream() -> None:
+        result = await session.stream(select(Note))
+        await result.all()
+
+    async def core_text() -> None:
+        await session.execute(text("SELECT 1"))
+
+    async def flush() -> None:
+        session.add(Note(user_id="x", body="x"))
+        await session.flush()
+
+    async def connection() -> None:
+        conn = await session.connection()
+        await conn.execute(text("SELECT 1"))
+
+    return [
+        ("execute", execute),
+        ("scalars", scalars),
+        ("scalar", scalar),
+        ("get", get),
+        ("stream", stream),
+        ("text", core_text),
+        ("flush", flush),
+        ("connection", connection),
+    ]
+
+
+async def test_every_path_is_refused_after_the_block(factory, alice, tables) -> None:
+    async with factory.session(alice) as session:
+        pass
+    for name, path in await use_paths(session):
+        with pytest.raises(SessionScopeError, match="after its"):
+            await path()
+        session.expunge_all()
+        assert name
+    assert factory.metrics().scope_violations >= 8
+    with pytest.raises(SessionScopeError, match="request scope ended"):
+        validate_session_is_request_scoped(session)
+
+
+async def test_every_path_is_refused_for_another_user(factory, alice, bob, tables, caplog) -> None:
+    caplog.set_level(logging.ERROR, logger="reqscope")
+    async with factory.session(alice) as session:
+        for name, path in await use_paths(session):
+            with use_context(bob), pytest.raises(IsolationViolation, match="alice") as info:
+                await path()
+            assert "bob" in str(info.value), name
+            session.expunge_all()
+        # the owner and its children may still use it
+        with use_context(alice.child("tool_call")):
+            await session.execute(text("SELECT 1"))
+        await session.rollback()
+    assert factory.metrics().isolation_violations == 8
+    logged = [r for r in caplog.records if "isolation violation" in r.getMessage()]
+    assert len(logged) == 8
+    assert logged[0].user_id == "alice"
+    assert logged[0].current_user_id == "bob"
+    assert logged[0].current_request_id == bob.request_id
+
+
+async def test_another_users_task_cannot_touch_the_data(factory, alice, bob, tables) -> None:
+    async with factory.begin(alice) as session:
+        session.add(Note(user_id="alice", body="secret"))
+
+    async def bobs_request(stolen: AsyncSession) -> None:
+        async with factory.session(bob):
+            await stolen.execute(text("DELETE FROM reqscope_test_notes"))
+
+    async with factory.session(alice) as session:
+        with pytest.raises(IsolationViolation):
+            await bobs_request(session)
+    assert await count_notes(factory, "alice") == 1
+
+
+async def test_enforce_owner_can_be_disabled(database, alice, bob) -> None:
+    async with IsolatedSessionFactory(database.url, enforce_owner=False) as factory:
+        async with factory.session(alice) as session:
+            with use_context(bob):
+                assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+
+
+_global_session: AsyncSession | None = None
+
+
+async def test_a_session_kept_in_a_global_is_refused_next_request(factory, alice) -> None:
+    global _global_session  # noqa: PLW0603 - the bug under test
+
+    async def legacy_handler(ctx: UserExecutionContext) -> int:
+        global _global_session  # noqa: PLW0603
+        if _global_session is None:
+            async with factory.session(ctx) as session:
+                _global_session = session
+                return (await session.execute(text("SELECT 1"))).scalar_one()
+        return (await _global_session.execute(text("SELECT 1"))).scalar_one()
+
+    try:
+        assert await legacy_handler(alice) == 1
+        with pytest.raises(SessionScopeError):
+            await legacy_handler(alice.child("next_request"))
+    finally:
+        _global_session = None
+
+
+async def test_mark_session_as_global(factory, alice) -> None:
+    async with factory.session(alice) as session:
+        mark_session_as_global(session)
+        assert session.info["is_request_scoped"] is False
+        with pytest.raises(SessionScopeError, match="global"):
+            await session.execute(text("SELECT 1"))
+        with pytest.raises(SessionScopeError, match="global"):
+            validate_session_is_request_scoped(session, "legacy")
+
+
+async def test_unmanaged_sessions_are_not_request_scoped(factory) -> None:
+    plain = AsyncSession(factory.engine)
+    with pytest.raises(SessionScopeError, match="not managed"):
+        validate_session_is_request_scoped(plain, "report")
+    with pytest.raises(SessionScopeError, match="not created by"):
+        session_tags(plain)
+    mark_session_as_global(plain)
+    assert plain.info["is_request_scoped"] is False
+    await plain.close()
+
+
+# -- cleanup on every exit --------------------------------------------------------------
+
+
+def assert_clean(factory: IsolatedSessionFactory) -> None:
+    metrics = factory.metrics()
+    assert metrics.active_sessions == 0
+    assert metrics.pool is not None
+    assert metrics.pool.checked_out == 0
+
+
+async def test_cleanup_on_exception(factory, alice) -> None:
+    with pytest.raises(ValueError, match="app"):
+        async with factory.session(alice) as session:
+            await session.execute(text("SELECT 1"))
+            raise ValueError("app")
+    assert_clean(factory)
+    assert factory.metrics().sessions_failed == 1
+
+
+async def test_cleanup_on_anyio_cancellation_and_timeout(factory, alice) -> None:
+    with anyio.move_on_after(0.05):
+        async with factory.session(alice) as session:
+            await session.execute(text("SELECT 1"))
+            await anyio.sleep(10)
+    assert_clean(factory)
+    with pytest.raises(TimeoutError):
+        with anyio.fail_after(0.05):
+            async with factory.session(alice) as session:
+                await session.execute(text("SELECT 1"))
+                await anyio.sleep(10)
+    assert_clean(factory)
+
+
+async def test_cleanup_on_asyncio_task_cancel(factory, alice) -> None:
+    started = asyncio.Event()
+
+    async def request() -> None:
+        async with factory.session(alice) as session:
+            await session.execute(text("SELECT 1"))
+            started.set()
+            await asyncio.sleep(10)
+
+    task = asyncio.create_task(request())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert_clean(factory)
+
+
+async def test_cancellation_is_never_swallowed(factory, alice) -> None:
+    with anyio.CancelScope() as scope:
+        async with factory.session(alice):
+            scope.cancel()
+            await anyio.sleep(1)
+        pytest.fail("the cancellation was swallowed")  # pragma: no cover
+    assert scope.cancelled_caught
+
+
+async def test_a_cancelled_commit_is_not_a_success(factory, alice, tables) -> None:
+    # Cancel while begin() commits: the error propagates, the connection is dropped.
+    scope_exited_cleanly = False
+    with anyio.CancelScope() as scope:
+        async with factory.begin(alice) as session:
+            session.add(Note(user_id="alice", body="maybe"))
+            scope.cancel()
+        scope_exited_cleanly = True  # pragma: no cover
+    assert not scope_exited_cleanly
+    assert_clean(factory)
+
+
+async def test_closed_factory_refuses_new_sessions(database, alice) -> None:
+    factory = IsolatedSessionFactory(database.url)
+    async with factory:
+        pass
+    assert factory.closed
+    with pytest.raises(Exception, match="closed"):
+        async with factory.session(alice):
+            pass
+    await factory.aclose()  # idempotent
+
+
+async def test_aclose_invalidates_sessions_still_open(database, alice) -> None:
+    factory = IsolatedSessionFactory(database.url)
+    scope = factory.session(alice)
+    session = await scope.__aenter__()
+    await session.execute(text("SELECT 1"))
+    await factory.aclose()
+    assert factory.metrics().active_sessions == 0
+    await scope.__aexit__(None, None, None)
+
+
+async def test_scope_objects_are_single_use(factory, alice) -> None:
+    scope = factory.session(alice)
+    async with scope:
+        with pytest.raises(RuntimeError, match="already open"):
+            await scope.__aenter__()
+
+
+async def test_bad_arguments(factory) -> None:
+    with pytest.raises(TypeError, match="UserExecutionContext"):
+        factory.session("alice")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_lifetime"):
+        factory.session(UserExecutionContext.create("a"), max_lifetime=0)
+
+
+# -- concurrency --------------------------------------------------------------------------
+
+
+async def test_concurrent_users_see_only_their_own_rows(database, tables_factory) -> None:
+    factory = tables_factory
+    users = [f"user-{i}" for i in range(100)]
+    seen: dict[str, list[str]] = {}
+
+    async def request(n: int) -> None:
+        user = users[n % len(users)]
+        ctx = UserExecutionContext.create(user)
+        async with factory.begin(ctx) as session:
+            session.add(Note(user_id=user, body=f"{user}:{n}"))
+        async with factory.session(ctx) as session:
+            rows = (await session.scalars(select(Note).where(Note.user_id == user))).all()
+            seen.setdefault(user, []).extend(row.user_id for row in rows)
+
+    async with anyio.create_task_group() as group:
+        for n in range(1000):
+            group.start_soon(request, n)
+    for user, owners in seen.items():
+        assert set(owners) == {user}
+    async with factory.session(UserExecutionContext.create("auditor")) as session:
+        per_user = dict((await session.execute(select(Note.user_id, func.count()).group_by(Note.user_id))).all())
+    assert per_user == {user: 10 for user in users}
+    metrics = factory.metrics()
+    assert metrics.active_sessions == 0
+    assert metrics.pool is not None
+    assert metrics.pool.checked_out == 0
+    assert metrics.peak_active_sessions <= 20
+    assert metrics.isolation_violations == 0
+
+
+@pytest.fixture(name="tables_factory")
+async def _tables_factory(database) -> AsyncIterator[IsolatedSessionFactory]:
+    from reqscope import PoolConfig
+
+    async with IsolatedSessionFactory(
+        database.url, pool=PoolConfig(pool_size=20, max_overflow=0, pool_timeout=30.0)
+    ) as factory:
+        await create_tables(factory.engine)
+        yield factory
+        await drop_tables(factory.engine)
