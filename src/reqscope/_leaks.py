@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -49,17 +49,33 @@ class LeakDetector:
     def __init__(
         self,
         registry: SessionRegistry,
-        reclaim: Callable[[Entry], None],
+        reclaim: Callable[[Entry, bool], None],
+        drain: Callable[[], Awaitable[None]],
         *,
         reclaim_leaks: bool,
     ) -> None:
         self._registry = registry
         self._reclaim = reclaim
+        self._drain = drain
         self.reclaim_leaks = reclaim_leaks
         self.passes = 0
 
+    async def ascan(self) -> list[LeakReport]:
+        """Run one pass and finish invalidating what it reclaimed (the background task's pass)."""
+        reports = self._scan(defer=True)
+        await self._drain()
+        return reports
+
     def scan(self) -> list[LeakReport]:
-        """Run one pass now and return what it found (O(expired sessions))."""
+        """Run one pass now and return what it found (O(expired sessions)).
+
+        Reclaimed sessions are poisoned at once. Their connections are invalidated at once
+        on drivers that can close synchronously (asyncpg, aiosqlite, asyncmy); on others
+        (psycopg) that finishes on the next :meth:`ascan`, which the background task runs.
+        """
+        return self._scan(defer=False)
+
+    def _scan(self, *, defer: bool) -> list[LeakReport]:
         self.passes += 1
         now = time.monotonic()
         registry = self._registry
@@ -70,7 +86,7 @@ class LeakDetector:
             reclaimed = False
             if self.reclaim_leaks:
                 try:
-                    self._reclaim(entry)
+                    self._reclaim(entry, defer)
                     reclaimed = True
                     registry.leaks_reclaimed += 1
                 except Exception:
@@ -105,8 +121,8 @@ class LeakDetector:
             else "left it open (reclaim_leaks=False)"
         )
         logger.error(
-            "reqscope: session %s of user %r (request %s, task %s) held %.1f s, past its "
-            "%.1f s lifetime; %s. Close sessions with `async with factory.session(ctx)`, or "
+            "reqscope: session %s of user %r (request %s, task %s) held %.3g s, past its "
+            "%.3g s lifetime; %s. Close sessions with `async with factory.session(ctx)`, or "
             "pass max_lifetime= for a scope that is meant to be long.%s",
             entry.session_id,
             ctx.user_id,
@@ -126,8 +142,8 @@ class LeakDetector:
         if entry.leak_reported and entry.state is not EntryState.RECLAIMED:
             held = entry.age()
             logger.warning(
-                "reqscope: leaked session %s of user %r finally closed after %.1f s "
-                "(lifetime %.1f s): a slow request, not a lost session",
+                "reqscope: leaked session %s of user %r finally closed after %.3g s "
+                "(lifetime %.3g s): a slow request, not a lost session",
                 entry.session_id,
                 entry.ctx.user_id,
                 held,
@@ -140,6 +156,6 @@ class LeakDetector:
         while True:
             await anyio.sleep(interval)
             try:
-                self.scan()
+                await self.ascan()
             except Exception:  # a bug here must not kill the detector
                 logger.exception("reqscope: leak detector pass failed")

@@ -38,6 +38,7 @@ from reqscope._registry import Entry, EntryState, FactoryMetrics, SessionRecord,
 from reqscope._registry import SessionTags as SessionTags
 from reqscope.exceptions import (
     DatabaseBusyError,
+    DatabaseUnavailableError,
     IsolationViolation,
     PoolExhaustedError,
     ReqscopeError,
@@ -266,12 +267,13 @@ class _SessionScope:
         ctx = self._ctx if self._ctx is not None else current_context()
         self._probe = factory.circuit_breaker.before_call()
         try:
-            conn = await factory.engine.connect()
+            with anyio.fail_after(factory.acquire_timeout):
+                conn = await factory.engine.connect()
         except BaseException as exc:
             factory._registry.sessions_failed += 1  # noqa: SLF001
             if not factory.circuit_breaker.observe(exc, connecting=True) and self._probe:
                 factory.circuit_breaker.release_probe()
-            translated = factory._translate(exc)  # noqa: SLF001
+            translated = factory._translate(exc, connecting=True)  # noqa: SLF001
             if translated is exc:
                 raise
             raise translated from exc
@@ -342,7 +344,7 @@ class _SessionScope:
             if not clean:
                 _invalidate(conn)
         else:
-            _invalidate(conn)
+            await factory._invalidate_gracefully(conn)  # noqa: SLF001
         entry.state = EntryState.CLOSED if not reclaimed else EntryState.RECLAIMED
         if conn.sync_connection is not None:
             _connection_entries.pop(conn.sync_connection, None)
@@ -422,6 +424,11 @@ class IsolatedSessionFactory:
         self.capture_stacks = capture_stacks
         self.enforce_owner = enforce_owner
         self.cleanup_timeout = cleanup_timeout
+        pool_timeout = getattr(self.engine.pool, "_timeout", 30.0)
+        connect_timeout = (pool or PoolConfig()).connect_timeout
+        # A safety net over the driver's own connect timeout (asyncmy's does not cover the
+        # handshake with a server that accepts and never answers).
+        self.acquire_timeout = float(pool_timeout) + connect_timeout
         self.circuit_breaker = circuit_breaker or CircuitBreaker()
         kwargs = {"expire_on_commit": False, **(session_kwargs or {})}
         sync_class = kwargs.pop("sync_session_class", ReqscopeSession)
@@ -433,8 +440,12 @@ class IsolatedSessionFactory:
         self._session_class: type[AsyncSession] = kwargs.pop("class_", AsyncSession)
         self._session_kwargs = {**kwargs, "sync_session_class": sync_class}
         self._registry = SessionRegistry()
+        self._pending_invalidation: list[AsyncConnection] = []
         self.leak_detector = LeakDetector(
-            self._registry, self._reclaim, reclaim_leaks=reclaim_leaks
+            self._registry,
+            self._reclaim,
+            self._drain_invalidations,
+            reclaim_leaks=reclaim_leaks,
         )
         self._state = "new"
         self._stack: contextlib.AsyncExitStack | None = None
@@ -474,7 +485,8 @@ class IsolatedSessionFactory:
                 entry.session_id,
                 extra=entry.log_fields(),
             )
-            await self._reclaim_gracefully(entry)
+            self._reclaim(entry, defer=True)
+        await self._drain_invalidations()
         with anyio.CancelScope(shield=True):
             if self._health_engine is not None:
                 await self._health_engine.dispose()
@@ -562,31 +574,52 @@ class IsolatedSessionFactory:
             opened_at,
             self.max_session_lifetime if lifetime is None else float(lifetime),
             _task_name(),
-            "".join(traceback.format_stack(limit=24)[:-3]) if self.capture_stacks else None,
+            "".join(traceback.format_stack(limit=26)[:-2]) if self.capture_stacks else None,
         )
         entry.owner = self
         _session_entries[session.sync_session] = entry
         self._registry.add(entry)
         return entry
 
-    def _reclaim(self, entry: Entry) -> None:
+    def _reclaim(self, entry: Entry, defer: bool) -> None:
         # Synchronous: the leak detector's scan() must not await. Invalidation frees the
-        # pool slot and never returns the (possibly busy) connection to the pool.
+        # pool slot and never returns the (possibly busy) connection to the pool. With
+        # ``defer`` (async callers), _drain_invalidations does it through SQLAlchemy's
+        # graceful async path instead of the drivers' synchronous force-close.
         entry.state = EntryState.RECLAIMED
         for conn in entry.connections:
-            _invalidate(conn)
+            if self.engine.dialect.has_terminate and not defer:
+                _invalidate(conn)
+            else:  # the driver can only close from async code: finish in _drain
+                self._pending_invalidation.append(conn)
         self._registry.discard(entry)
 
-    async def _reclaim_gracefully(self, entry: Entry) -> None:
-        entry.state = EntryState.RECLAIMED
-        for conn in entry.connections:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self.cleanup_timeout):
-                with contextlib.suppress(Exception):
-                    await conn.invalidate()
-            _invalidate(conn)
-        self._registry.discard(entry)
+    async def _invalidate_gracefully(self, conn: AsyncConnection) -> None:
+        sync = conn.sync_connection
+        if sync is None or sync.closed or sync.invalidated:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.cleanup_timeout):
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+        _invalidate(conn)  # still valid only if the graceful path timed out or failed
 
-    def _translate(self, error: BaseException) -> BaseException:
+    async def _drain_invalidations(self) -> None:
+        pending, self._pending_invalidation = self._pending_invalidation, []
+        for conn in pending:
+            await self._invalidate_gracefully(conn)
+
+    def _translate(self, error: BaseException, *, connecting: bool = False) -> BaseException:
+        if connecting and not isinstance(error, (sa_exc.TimeoutError, ReqscopeError)):
+            if is_connection_failure(error, connecting=True):
+                url = self.engine.url.render_as_string(hide_password=True)
+                return DatabaseUnavailableError(
+                    f"cannot connect to the database at {url}: {type(error).__name__}: "
+                    f"{error}".rstrip(": ")
+                    + "; check that it is running and reachable (after "
+                    f"{self.circuit_breaker.failure_threshold} consecutive failures the "
+                    "circuit opens and requests fail fast)"
+                )
+            return error
         if isinstance(error, sa_exc.TimeoutError) and not isinstance(error, PoolExhaustedError):
             stats = self.pool_stats()
             timeout = getattr(self.engine.pool, "_timeout", None)

@@ -11,6 +11,7 @@ the builtin a caller would naturally catch where there is one::
     ├── IsolationViolation
     ├── PoolExhaustedError(TimeoutError)
     ├── CircuitOpenError
+    ├── DatabaseUnavailableError(ConnectionError)
     ├── DatabaseBusyError
     ├── AgentNotRegisteredError(KeyError)
     ├── AgentCreationError
@@ -33,6 +34,7 @@ __all__ = [
     "CircuitOpenError",
     "ContextValidationError",
     "DatabaseBusyError",
+    "DatabaseUnavailableError",
     "IsolationViolation",
     "NoActiveContextError",
     "PoolExhaustedError",
@@ -98,6 +100,10 @@ class CircuitOpenError(ReqscopeError):
             f"retry in {retry_after:.2f} s (check database availability and "
             "factory.health())"
         )
+
+
+class DatabaseUnavailableError(ReqscopeError, ConnectionError):
+    """Raised by a session scope when no connection to the database could be made."""
 
 
 class DatabaseBusyError(ReqscopeError):

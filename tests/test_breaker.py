@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import socket
+import time
+
+import anyio
+import pytest
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+
+from reqscope import (
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    DatabaseUnavailableError,
+    IsolatedSessionFactory,
+    PoolConfig,
+    PoolExhaustedError,
+)
+from reqscope._breaker import is_connection_failure
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_state_machine() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=3, recovery_timeout=10, clock=clock)
+    assert breaker.state is CircuitState.CLOSED
+    for _ in range(2):
+        breaker.record_failure()
+    assert breaker.state is CircuitState.CLOSED
+    breaker.record_success()
+    assert breaker.consecutive_failures == 0
+    for _ in range(3):
+        breaker.record_failure()
+    assert breaker.state is CircuitState.OPEN
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.before_call()
+    assert info.value.retry_after == pytest.approx(10)
+    clock.now = 4
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.before_call()
+    assert info.value.retry_after == pytest.approx(6)
+    assert "retry in" in str(info.value)
+    clock.now = 10
+    assert breaker.state is CircuitState.HALF_OPEN
+    assert breaker.before_call() is True  # the probe
+    with pytest.raises(CircuitOpenError):  # one probe at a time
+        breaker.before_call()
+    breaker.record_failure()
+    assert breaker.state is CircuitState.OPEN
+    clock.now = 20
+    assert breaker.before_call() is True
+    breaker.release_probe()
+    assert breaker.before_call() is True
+    breaker.record_success()
+    assert breaker.state is CircuitState.CLOSED
+    assert breaker.before_call() is False
+    assert breaker.times_opened == 2
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="failure_threshold"):
+        CircuitBreaker(failure_threshold=0)
+    with pytest.raises(ValueError, match="recovery_timeout"):
+        CircuitBreaker(recovery_timeout=0)
+
+
+def test_only_connection_failures_count() -> None:
+    refused = ConnectionRefusedError(111, "refused")
+    assert is_connection_failure(refused, connecting=True)
+    assert is_connection_failure(TimeoutError(), connecting=True)
+    assert not is_connection_failure(TimeoutError())  # the app's own timeout in a request
+    assert is_connection_failure(sa_exc.TimeoutError("pool"))
+    assert is_connection_failure(PoolExhaustedError("x"))
+    dropped = sa_exc.OperationalError("SELECT 1", {}, Exception("gone"), connection_invalidated=True)
+    assert is_connection_failure(dropped)
+    integrity = sa_exc.IntegrityError("INSERT", {}, Exception("dup"))
+    assert not is_connection_failure(integrity)
+    assert not is_connection_failure(ValueError("app"))
+    breaker = CircuitBreaker(failure_threshold=1)
+    assert not breaker.observe(ValueError("app"))
+    assert breaker.state is CircuitState.CLOSED
+    assert breaker.observe(refused, connecting=True)
+    assert breaker.state is CircuitState.OPEN
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+URLS = {
+    "asyncpg": "postgresql+asyncpg://postgres@127.0.0.1:{port}/test",
+    "psycopg": "postgresql+psycopg://postgres@127.0.0.1:{port}/test",
+    "asyncmy": "mysql+asyncmy://root@127.0.0.1:{port}/test",
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("driver", list(URLS))
+async def test_refused_connections_open_the_circuit(driver, alice) -> None:
+    url = URLS[driver].format(port=closed_port())
+    breaker = CircuitBreaker(failure_threshold=3, recovery_timeout=30)
+    async with IsolatedSessionFactory(url, circuit_breaker=breaker) as factory:
+        for _ in range(3):
+            with pytest.raises(DatabaseUnavailableError, match="cannot connect") as info:
+                async with factory.session(alice):
+                    pass
+            assert isinstance(info.value, ConnectionError)
+            assert "check that it is running" in str(info.value)
+        assert breaker.state is CircuitState.OPEN
+        started = time.perf_counter()
+        with pytest.raises(CircuitOpenError):
+            async with factory.session(alice):
+                pass
+        assert time.perf_counter() - started < 0.01  # fails fast (not a timing benchmark)
+        assert factory.metrics().sessions_failed == 3
+        assert factory.metrics().circuit_state is CircuitState.OPEN
+        report = await factory.health(timeout=1)
+        assert report.status == "down"
+        assert report.error
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("driver", list(URLS))
+async def test_a_silent_listener_fails_within_the_connect_timeout(driver, alice) -> None:
+    # A server that accepts TCP and never answers: bounded by PoolConfig.connect_timeout.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(50)
+    port = listener.getsockname()[1]
+    try:
+        breaker = CircuitBreaker(failure_threshold=2, recovery_timeout=30)
+        pool = PoolConfig(pool_size=2, max_overflow=0, pool_timeout=1, connect_timeout=1.0)
+        async with IsolatedSessionFactory(
+            URLS[driver].format(port=port), pool=pool, circuit_breaker=breaker
+        ) as factory:
+            started = time.perf_counter()
+            for _ in range(2):
+                with anyio.fail_after(10), pytest.raises(DatabaseUnavailableError):
+                    async with factory.session(alice):
+                        pass
+            assert time.perf_counter() - started < 8
+            assert breaker.state is CircuitState.OPEN
+            with pytest.raises(CircuitOpenError):
+                async with factory.session(alice):
+                    pass
+            report = await factory.health(timeout=0.5)
+            assert report.status == "down"
+            assert "0.5" in (report.error or "") or report.error
+    finally:
+        listener.close()
+
+
+@pytest.mark.anyio
+async def test_application_errors_never_open_the_circuit(factory, alice) -> None:
+    breaker = factory.circuit_breaker
+    for _ in range(breaker.failure_threshold + 2):
+        with pytest.raises(sa_exc.DBAPIError):
+            async with factory.session(alice) as session:
+                await session.execute(text("SELECT * FROM no_such_table_anywhere"))
+        with pytest.raises(ValueError, match="mine"):
+            async with factory.session(alice):
+                raise ValueError("mine")
+    assert breaker.state is CircuitState.CLOSED
