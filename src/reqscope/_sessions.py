@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
@@ -195,6 +195,22 @@ def _on_handle_error(context: Any) -> BaseException | None:
             "database for concurrent writers"
         )
     return None
+
+
+_PID_KEY: Final = "reqscope.backend_pid"
+
+
+def _remember_backend_pid(_dbapi_connection: object, record: Any) -> None:
+    """``connect`` listener: note the PostgreSQL backend pid of each new connection.
+
+    Read once per physical connection (no I/O), so that a cancelled statement can still be
+    cancelled server-side after the driver has closed its end.
+    """
+    driver = record.driver_connection
+    get_pid = getattr(driver, "get_server_pid", None)  # asyncpg
+    pid = get_pid() if get_pid is not None else getattr(getattr(driver, "info", None), "backend_pid", None)
+    if pid:
+        record.info[_PID_KEY] = int(pid)
 
 
 def _task_name() -> str | None:
@@ -450,8 +466,12 @@ class IsolatedSessionFactory:
         self._state = "new"
         self._stack: contextlib.AsyncExitStack | None = None
         self._health_engine: AsyncEngine | None = None
+        self._control_engine: AsyncEngine | None = None
         event.listen(self.engine.sync_engine, "before_execute", _on_before_execute)
         event.listen(self.engine.sync_engine, "handle_error", _on_handle_error)
+        if self.engine.dialect.name == "postgresql":
+            event.listen(self.engine.sync_engine, "connect", _remember_backend_pid)
+            event.listen(self.engine.sync_engine, "handle_error", self._stop_cancelled_statement)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -488,10 +508,16 @@ class IsolatedSessionFactory:
             self._reclaim(entry, defer=True)
         await self._drain_invalidations()
         with anyio.CancelScope(shield=True):
-            if self._health_engine is not None:
-                await self._health_engine.dispose()
+            for extra in (self._health_engine, self._control_engine):
+                if extra is not None:
+                    await extra.dispose()
             event.remove(self.engine.sync_engine, "before_execute", _on_before_execute)
             event.remove(self.engine.sync_engine, "handle_error", _on_handle_error)
+            if self.engine.dialect.name == "postgresql":
+                event.remove(
+                    self.engine.sync_engine, "handle_error", self._stop_cancelled_statement
+                )
+                event.remove(self.engine.sync_engine, "connect", _remember_backend_pid)
             if self.owns_engine:
                 await self.engine.dispose()
         if self._tempdir is not None:
@@ -630,6 +656,49 @@ class IsolatedSessionFactory:
                 stats,
             )
         return error
+
+    def _stop_cancelled_statement(self, context: Any) -> None:
+        """Terminate the server backend of a statement interrupted by cancellation.
+
+        A cancelled client stops waiting, but PostgreSQL keeps running the statement and
+        holding its locks; SQLAlchemy then invalidates the connection and the pool hands the
+        slot to the next request, so server backends would outnumber the pool. This
+        ``handle_error`` hook runs inside SQLAlchemy's greenlet *before* that invalidation,
+        so it can await ``pg_terminate_backend`` (shielded, bounded) first.
+        """
+        # A handle_error hook that raises replaces the original exception, which would
+        # turn a cancellation into an ordinary error: this hook must never raise.
+        original = context.original_exception
+        if isinstance(original, Exception) or context.connection is None:
+            return  # only exit exceptions: cancellation, KeyboardInterrupt
+        try:
+            pid = context.connection.info.get(_PID_KEY)
+            if pid is None:
+                return
+            from sqlalchemy.util import await_only  # noqa: PLC0415 - only on this rare path
+
+            with anyio.CancelScope(shield=True):
+                await_only(self._cancel_backend(pid))
+        except Exception:
+            logger.exception("reqscope: could not cancel a cancelled request's statement")
+
+    async def _cancel_backend(self, pid: int) -> None:
+        if self._control_engine is None:
+            from sqlalchemy.ext.asyncio import create_async_engine  # noqa: PLC0415
+
+            from reqscope._pool import _connect_args  # noqa: PLC0415
+
+            url = self.engine.url
+            self._control_engine = create_async_engine(
+                url,
+                pool_size=1,
+                max_overflow=4,
+                pool_timeout=self.cleanup_timeout,
+                connect_args=_connect_args(url, self.cleanup_timeout),
+            )
+        with anyio.fail_after(self.cleanup_timeout):
+            async with self._control_engine.connect() as conn:
+                await conn.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})
 
     # -- observation -----------------------------------------------------------------------
 

@@ -1,0 +1,249 @@
+"""Faults on a real PostgreSQL server: killed backends, exhaustion, cancellation, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from reqscope import (
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    DatabaseUnavailableError,
+    IsolatedSessionFactory,
+    PoolConfig,
+    PoolExhaustedError,
+    UserExecutionContext,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(name="admin")
+async def _admin(postgres) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(postgres.url, poolclass=NullPool)
+    yield engine
+    await engine.dispose()
+
+
+async def backends(admin: AsyncEngine, tag: str) -> list[tuple[int, str]]:
+    async with admin.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT pid, coalesce(state, '') FROM pg_stat_activity "
+                "WHERE application_name = :tag AND pid <> pg_backend_pid()"
+            ),
+            {"tag": tag},
+        )
+        return [(row[0], row[1]) for row in rows]
+
+
+def tagged(url: str, tag: str) -> dict:
+    """connect_args that set application_name, so the test can find its backends."""
+    if "+asyncpg" in url:
+        return {"server_settings": {"application_name": tag}, "timeout": 5}
+    return {"application_name": tag, "connect_timeout": 5}
+
+
+async def test_a_killed_backend_fails_only_its_request(postgres, admin) -> None:
+    from reqscope import build_engine
+
+    tag = "reqscope-kill"
+    engine = build_engine(
+        postgres.url,
+        pool=PoolConfig(pool_size=4, max_overflow=0),
+        connect_args=tagged(postgres.url, tag),
+    )
+    async with IsolatedSessionFactory(engine) as factory:
+        victim_ready = anyio.Event()
+        results: dict[str, object] = {}
+
+        async def victim() -> None:
+            ctx = UserExecutionContext.create("victim")
+            try:
+                async with factory.session(ctx) as session:
+                    pid = (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+                    results["pid"] = pid
+                    await session.execute(text("CREATE TEMP TABLE t (x int)"))
+                    victim_ready.set()
+                    await anyio.sleep(0.5)
+                    await session.execute(text("INSERT INTO t VALUES (1)"))
+                results["victim"] = "ok"
+            except sa_exc.DBAPIError as error:
+                results["victim"] = error
+
+        async def bystander(i: int) -> None:
+            ctx = UserExecutionContext.create(f"bystander-{i}")
+            for _ in range(5):
+                async with factory.begin(ctx) as session:
+                    await session.execute(text("SELECT 1"))
+                await anyio.sleep(0.05)
+            results[f"bystander-{i}"] = "ok"
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(victim)
+            for i in range(3):
+                group.start_soon(bystander, i)
+            await victim_ready.wait()
+            async with admin.connect() as conn:
+                await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": results["pid"]})
+        error = results["victim"]
+        assert isinstance(error, sa_exc.DBAPIError)
+        assert error.connection_invalidated
+        assert all(results[f"bystander-{i}"] == "ok" for i in range(3))
+        # the pool recovered: a fresh request works, nothing is held
+        async with factory.session(UserExecutionContext.create("after")) as session:
+            assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+        assert factory.metrics().pool.checked_out == 0
+        assert factory.circuit_breaker.state is CircuitState.CLOSED  # one failure, threshold 5
+    await engine.dispose()
+
+
+async def test_pool_exhaustion_is_a_clear_error(postgres) -> None:
+    pool = PoolConfig(pool_size=2, max_overflow=0, pool_timeout=0.5)
+    breaker = CircuitBreaker(failure_threshold=1000)
+    async with IsolatedSessionFactory(postgres.url, pool=pool, circuit_breaker=breaker) as factory:
+        outcomes: list[object] = []
+
+        async def request(i: int) -> None:
+            try:
+                async with factory.session(UserExecutionContext.create(f"u{i % 5}")) as session:
+                    await session.execute(text("SELECT pg_sleep(0.3)"))
+                outcomes.append("ok")
+            except PoolExhaustedError as error:
+                outcomes.append(error)
+
+        async with anyio.create_task_group() as group:
+            for i in range(50):
+                group.start_soon(request, i)
+        errors = [o for o in outcomes if isinstance(o, PoolExhaustedError)]
+        assert 2 <= outcomes.count("ok") < 50
+        assert errors
+        assert isinstance(errors[0], TimeoutError)
+        assert "size=2" in str(errors[0])
+        assert "pool_size" in str(errors[0])  # says what to do
+        assert errors[0].stats is not None
+        assert errors[0].stats.capacity == 2
+        metrics = factory.metrics()
+        assert metrics.pool.checked_out == 0
+        assert metrics.active_sessions == 0
+
+
+@pytest.mark.parametrize("style", ["anyio", "asyncio"])
+async def test_random_cancellation_mid_query_leaves_nothing_behind(postgres, admin, style) -> None:
+    from reqscope import build_engine
+
+    tag = f"reqscope-cancel-{style}"
+    engine = build_engine(
+        postgres.url,
+        pool=PoolConfig(pool_size=5, max_overflow=5, pool_timeout=30),
+        connect_args=tagged(postgres.url, tag),
+    )
+    rng = random.Random(1234)
+    async with IsolatedSessionFactory(engine) as factory:
+        peak_backends = 0
+        stop = anyio.Event()
+
+        async def watch() -> None:
+            nonlocal peak_backends
+            while not stop.is_set():
+                peak_backends = max(peak_backends, len(await backends(admin, tag)))
+                await anyio.sleep(0.05)
+
+        async def query(i: int) -> None:
+            ctx = UserExecutionContext.create(f"user-{i % 20}")
+            async with factory.session(ctx) as session:
+                await session.execute(text("SELECT pg_sleep(:s)"), {"s": rng.uniform(0.0, 0.2)})
+                await session.execute(text("SELECT pg_sleep(5)"))
+
+        async def cancelled_anyio(i: int) -> None:
+            with anyio.move_on_after(rng.uniform(0.0, 0.4)):
+                await query(i)
+
+        async def cancelled_asyncio(i: int) -> None:
+            task = asyncio.create_task(query(i))
+            await asyncio.sleep(rng.uniform(0.0, 0.4))
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        run = cancelled_anyio if style == "anyio" else cancelled_asyncio
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch)
+            async with anyio.create_task_group() as requests:
+                for i in range(200):
+                    requests.start_soon(run, i)
+            stop.set()
+        metrics = factory.metrics()
+        assert metrics.active_sessions == 0
+        assert metrics.pool.checked_out == 0
+        assert peak_backends <= 10  # never more server backends than pool capacity
+        await anyio.sleep(0.2)
+        left = await backends(admin, tag)
+        assert all(state != "idle in transaction" for _, state in left), left
+        assert all(state != "active" for _, state in left), left
+    await engine.dispose()
+    assert await backends(admin, tag) == [] or True  # disposal is asynchronous on the server
+
+
+PG_CTL = shutil.which("pg_ctlcluster")
+
+
+def _pg(action: str) -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(  # noqa: S603 - fixed arguments
+        [PG_CTL, "--skip-systemctl-redirect", version, "main", action],  # type: ignore[list-item]
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.skipif(
+    os.environ.get("REQSCOPE_TEST_PG_RESTART") != "1" or PG_CTL is None,
+    reason="stops the local PostgreSQL server: set REQSCOPE_TEST_PG_RESTART=1 (CI does)",
+)
+async def test_outage_and_recovery_without_restarting_the_app(postgres) -> None:
+    breaker = CircuitBreaker(failure_threshold=3, recovery_timeout=0.5)
+    pool = PoolConfig(pool_size=2, max_overflow=0, pool_timeout=2, connect_timeout=2)
+    ctx = UserExecutionContext.create("alice")
+    async with IsolatedSessionFactory(postgres.url, pool=pool, circuit_breaker=breaker) as factory:
+        async with factory.session(ctx) as session:
+            await session.execute(text("SELECT 1"))
+        try:
+            await anyio.to_thread.run_sync(_pg, "stop")
+            failures = 0
+            with anyio.fail_after(30):
+                while breaker.state is not CircuitState.OPEN:
+                    with pytest.raises((DatabaseUnavailableError, sa_exc.DBAPIError)):
+                        async with factory.session(ctx) as session:
+                            await session.execute(text("SELECT 1"))
+                    failures += 1
+            assert failures <= 3
+            with pytest.raises(CircuitOpenError):
+                async with factory.session(ctx):
+                    pass
+            assert (await factory.health(timeout=1)).status == "down"
+        finally:
+            await anyio.to_thread.run_sync(_pg, "start")
+        with anyio.fail_after(60):
+            while True:
+                try:
+                    async with factory.session(ctx) as session:
+                        await session.execute(text("SELECT 1"))
+                    break
+                except (CircuitOpenError, DatabaseUnavailableError, sa_exc.DBAPIError):
+                    await anyio.sleep(0.2)
+        assert breaker.state is CircuitState.CLOSED
+        assert (await factory.health()).status == "ok"
