@@ -79,7 +79,9 @@ def test_only_connection_failures_count() -> None:
     assert not is_connection_failure(TimeoutError())  # the app's own timeout in a request
     assert is_connection_failure(sa_exc.TimeoutError("pool"))
     assert is_connection_failure(PoolExhaustedError("x"))
-    dropped = sa_exc.OperationalError("SELECT 1", {}, Exception("gone"), connection_invalidated=True)
+    dropped = sa_exc.OperationalError(
+        "SELECT 1", {}, Exception("gone"), connection_invalidated=True
+    )
     assert is_connection_failure(dropped)
     integrity = sa_exc.IntegrityError("INSERT", {}, Exception("dup"))
     assert not is_connection_failure(integrity)

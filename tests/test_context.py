@@ -7,6 +7,7 @@ import uuid
 from decimal import Decimal
 
 import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,9 +27,9 @@ from reqscope import (
 
 PLACEHOLDERS = ["None", "null", "undefined", "nil", "placeholder", "default_user"]
 
-ids = st.text(
-    st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=64
-).filter(lambda s: s == s.strip() and s.lower() not in {p.lower() for p in PLACEHOLDERS})
+ids = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=64).filter(
+    lambda s: s == s.strip() and s.lower() not in {p.lower() for p in PLACEHOLDERS}
+)
 
 json_leaves = (
     st.none()
@@ -44,8 +45,9 @@ json_leaves = (
 )
 metadata_values = st.recursive(
     json_leaves,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 metadata = st.dictionaries(st.text(max_size=10), metadata_values, max_size=6)
@@ -61,7 +63,14 @@ def contexts(draw: st.DrawFn) -> UserExecutionContext:
         metadata=draw(metadata),
     )
     for _ in range(draw(st.integers(0, 3))):
-        ctx = ctx.child(draw(ids), **draw(st.dictionaries(st.from_regex(r"[a-z]{1,5}", fullmatch=True), metadata_values, max_size=2)))
+        ctx = ctx.child(
+            draw(ids),
+            **draw(
+                st.dictionaries(
+                    st.from_regex(r"[a-z]{1,5}", fullmatch=True), metadata_values, max_size=2
+                )
+            ),
+        )
     return ctx
 
 
@@ -120,9 +129,7 @@ def test_children_keep_ids_and_chain_parents(ctx: UserExecutionContext, operatio
 
 
 def test_metadata_is_deep_frozen() -> None:
-    ctx = UserExecutionContext.create(
-        "alice", metadata={"a": {"b": [1, {"c": 2}]}, "e": (1, 2)}
-    )
+    ctx = UserExecutionContext.create("alice", metadata={"a": {"b": [1, {"c": 2}]}, "e": (1, 2)})
     assert ctx.metadata["a"]["b"] == (1, {"c": 2})
     assert isinstance(ctx.metadata["a"]["b"], tuple)
     with pytest.raises(TypeError):
@@ -187,7 +194,9 @@ def test_with_metadata_keeps_ids() -> None:
 
 def test_created_at_is_normalised_to_utc() -> None:
     tz = dt.timezone(dt.timedelta(hours=2))
-    ctx = UserExecutionContext("a", "b", "c", "d", created_at=dt.datetime(2026, 1, 1, 12, tzinfo=tz))
+    ctx = UserExecutionContext(
+        "a", "b", "c", "d", created_at=dt.datetime(2026, 1, 1, 12, tzinfo=tz)
+    )
     assert ctx.created_at == dt.datetime(2026, 1, 1, 10, tzinfo=dt.timezone.utc)
     assert ctx.created_at.tzinfo is dt.timezone.utc
     with pytest.raises(ContextValidationError, match="created_at"):
@@ -242,8 +251,8 @@ def test_a_256_character_id_is_fine() -> None:
     [
         lambda: create_engine("sqlite://"),
         lambda: create_engine("sqlite://").connect(),
-        lambda: Session(),
-        lambda: AsyncSession(),
+        Session,
+        AsyncSession,
         lambda: create_async_engine("sqlite+aiosqlite://"),
     ],
     ids=["Engine", "Connection", "Session", "AsyncSession", "AsyncEngine"],
@@ -399,11 +408,11 @@ async def test_context_survives_await_and_is_inherited_by_tasks() -> None:
     seen: list[str] = []
 
     async def child() -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         seen.append(current_context().user_id)
 
     with use_context(ctx):
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         assert current_context() is ctx
         await asyncio.create_task(child())
         async with anyio.create_task_group() as group:
@@ -420,7 +429,7 @@ async def test_a_thousand_concurrent_tasks_never_see_each_other() -> None:
         ctx = UserExecutionContext.create(f"user-{i}")
         with use_context(ctx):
             for _ in range(5):
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
                 if current_context() is not ctx:
                     errors.append(f"task {i} saw {current_context().user_id}")
         if current_context_or_none() is not None:

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 import anyio
 import pytest
-from models import Note, create_tables, drop_tables
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from models import Note, create_tables, drop_tables
 from reqscope import (
     IsolatedSessionFactory,
     IsolationViolation,
@@ -194,10 +194,12 @@ async def test_another_users_task_cannot_touch_the_data(factory, alice, bob, tab
 
 
 async def test_enforce_owner_can_be_disabled(database, alice, bob) -> None:
-    async with IsolatedSessionFactory(database.url, enforce_owner=False) as factory:
-        async with factory.session(alice) as session:
-            with use_context(bob):
-                assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+    async with (
+        IsolatedSessionFactory(database.url, enforce_owner=False) as factory,
+        factory.session(alice) as session,
+    ):
+        with use_context(bob):
+            assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
 
 
 _global_session: AsyncSession | None = None
@@ -372,8 +374,10 @@ async def test_concurrent_users_see_only_their_own_rows(database, tables_factory
     for user, owners in seen.items():
         assert set(owners) == {user}
     async with factory.session(UserExecutionContext.create("auditor")) as session:
-        per_user = dict((await session.execute(select(Note.user_id, func.count()).group_by(Note.user_id))).all())
-    assert per_user == {user: 10 for user in users}
+        per_user = dict(
+            (await session.execute(select(Note.user_id, func.count()).group_by(Note.user_id))).all()
+        )
+    assert per_user == dict.fromkeys(users, 10)
     metrics = factory.metrics()
     assert metrics.active_sessions == 0
     assert metrics.pool is not None

@@ -62,7 +62,9 @@ def is_connection_failure(error: BaseException, *, connecting: bool = False) -> 
 
 
 class CircuitBreaker:
-    """Closed → open after ``failure_threshold`` consecutive connection failures → half-open
+    """Fail fast while the database is down.
+
+    Closed → open after ``failure_threshold`` consecutive connection failures → half-open
     after ``recovery_timeout`` seconds → closed on the first success (open again on failure).
 
     While open, :meth:`before_call` raises :class:`~reqscope.exceptions.CircuitOpenError`

@@ -115,9 +115,11 @@ class AuditEvent:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "at", _utc("audit_trail.at", self.at))
-        if not isinstance(self.action, str) or not self.action:
+        action: object = self.action  # annotations do not stop callers passing anything
+        detail: object = self.detail
+        if not isinstance(action, str) or not action:
             raise ContextValidationError("audit_trail.action", "must be a non-empty str")
-        if not isinstance(self.detail, str):
+        if not isinstance(detail, str):
             raise ContextValidationError("audit_trail.detail", "must be a str")
 
     def to_dict(self) -> dict[str, str]:
@@ -382,8 +384,10 @@ class UserExecutionContext:
         these headers from the public internet.
         """
         payload = json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=True)
-        headers = {f"{HEADER_PREFIX}{name.replace('_', '-')}": _header_id(getattr(self, name))
-                   for name in _ID_FIELDS}
+        headers = {
+            f"{HEADER_PREFIX}{name.replace('_', '-')}": _header_id(getattr(self, name))
+            for name in _ID_FIELDS
+        }
         headers[f"{HEADER_PREFIX}context"] = base64.urlsafe_b64encode(payload.encode()).decode()
         return headers
 
@@ -494,4 +498,3 @@ class use_context:  # noqa: N801 - used like a function: `with use_context(ctx):
         token, self._token = self._token, None
         if token is not None:
             _current.reset(token)
-

@@ -104,7 +104,7 @@ def _resource_kind(value: object) -> str | None:
     return "a SQLAlchemy object"
 
 
-def _freeze(value: object, path: str, depth: int, budget: _Budget) -> object:  # noqa: C901, PLR0911, PLR0912
+def _freeze(value: object, path: str, depth: int, budget: _Budget) -> object:  # noqa: C901, PLR0912
     budget.nodes += 1
     if budget.nodes > MAX_NODES:
         raise ContextValidationError(

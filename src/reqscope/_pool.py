@@ -147,7 +147,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-def build_engine(url: str | URL, *, pool: PoolConfig | None = None, **engine_kwargs: Any) -> AsyncEngine:
+def build_engine(
+    url: str | URL, *, pool: PoolConfig | None = None, **engine_kwargs: Any
+) -> AsyncEngine:
     """Create an ``AsyncEngine`` with reqscope's pool settings and a bounded connect timeout.
 
     Args:

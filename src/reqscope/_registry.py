@@ -112,6 +112,7 @@ class Entry:
     """The factory's private bookkeeping for one open session."""
 
     __slots__ = (
+        "__weakref__",
         "connections",
         "ctx",
         "deadline",
@@ -126,7 +127,6 @@ class Entry:
         "stack",
         "state",
         "task_name",
-        "__weakref__",
     )
 
     def __init__(  # noqa: PLR0917 - internal, built in one place
@@ -227,8 +227,7 @@ class SessionRegistry:
         bucket[entry.session_id] = entry
         self.sessions_opened += 1
         active = len(self)
-        if active > self.peak_active:
-            self.peak_active = active
+        self.peak_active = max(self.peak_active, active)
 
     def discard(self, entry: Entry) -> None:
         """Forget a session (closed or reclaimed); a no-op when already gone."""

@@ -29,13 +29,20 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
+from typing_extensions import Self
 
 from reqscope._breaker import CircuitBreaker, is_connection_failure
 from reqscope._context import UserExecutionContext, _current, current_context, new_id
 from reqscope._leaks import LeakDetector
 from reqscope._pool import PoolConfig, PoolStats, build_engine, pool_stats, refuse_memory_sqlite
-from reqscope._registry import Entry, EntryState, FactoryMetrics, SessionRecord, SessionRegistry
-from reqscope._registry import SessionTags as SessionTags
+from reqscope._registry import (
+    Entry,
+    EntryState,
+    FactoryMetrics,
+    SessionRecord,
+    SessionRegistry,
+    SessionTags,
+)
 from reqscope.exceptions import (
     DatabaseBusyError,
     DatabaseUnavailableError,
@@ -92,7 +99,7 @@ class ReqscopeSession(Session):
     a connection.
     """
 
-    def connection(self, *args: Any, **kwargs: Any) -> Connection:  # noqa: D102
+    def connection(self, *args: Any, **kwargs: Any) -> Connection:
         entry = _lookup(self)
         if entry is not None and entry.state is not EntryState.ACTIVE:
             _enforce(entry, "connection")
@@ -208,7 +215,11 @@ def _remember_backend_pid(_dbapi_connection: object, record: Any) -> None:
     """
     driver = record.driver_connection
     get_pid = getattr(driver, "get_server_pid", None)  # asyncpg
-    pid = get_pid() if get_pid is not None else getattr(getattr(driver, "info", None), "backend_pid", None)
+    pid = (
+        get_pid()
+        if get_pid is not None
+        else getattr(getattr(driver, "info", None), "backend_pid", None)
+    )
     if pid:
         record.info[_PID_KEY] = int(pid)
 
@@ -313,7 +324,6 @@ class _SessionScope:
     ) -> bool:
         factory = self._factory
         session = self._session
-        entry = self._entry
         assert session is not None  # noqa: S101 - __aenter__ ran
         error = exc
         try:
@@ -523,7 +533,7 @@ class IsolatedSessionFactory:
         if self._tempdir is not None:
             shutil.rmtree(self._tempdir, ignore_errors=True)
 
-    async def __aenter__(self) -> IsolatedSessionFactory:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -624,9 +634,12 @@ class IsolatedSessionFactory:
         sync = conn.sync_connection
         if sync is None or sync.closed or sync.invalidated:
             return
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.cleanup_timeout):
-            with contextlib.suppress(Exception):
-                await conn.invalidate()
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(self.cleanup_timeout),
+            contextlib.suppress(Exception),
+        ):
+            await conn.invalidate()
         _invalidate(conn)  # still valid only if the graceful path timed out or failed
 
     async def _drain_invalidations(self) -> None:
@@ -677,7 +690,7 @@ class IsolatedSessionFactory:
                 return
             from sqlalchemy.util import await_only  # noqa: PLC0415 - only on this rare path
 
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):  # noqa: ASYNC100 - await_only awaits inside
                 await_only(self._cancel_backend(pid))
         except Exception:
             logger.exception("reqscope: could not cancel a cancelled request's statement")
@@ -779,8 +792,7 @@ def validate_session_is_request_scoped(
         raise SessionScopeError(f"{where}session {entry.session_id} is marked global")
     if entry.state is EntryState.RECLAIMED:
         raise SessionReclaimedError(
-            f"{where}session {entry.session_id} was reclaimed by the leak detector; "
-            "open a new one"
+            f"{where}session {entry.session_id} was reclaimed by the leak detector; open a new one"
         )
     if entry.state is not EntryState.ACTIVE:
         raise SessionScopeError(
@@ -800,7 +812,9 @@ def mark_session_as_global(session: AsyncSession | Session) -> None:
 _default: IsolatedSessionFactory | None = None
 
 
-def configure(bind: AsyncEngine | str | None = None, **factory_kwargs: Any) -> IsolatedSessionFactory:
+def configure(
+    bind: AsyncEngine | str | None = None, **factory_kwargs: Any
+) -> IsolatedSessionFactory:
     """Create the process-wide default factory and return it.
 
     A previously configured default is replaced, not closed: close it yourself.

@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -97,7 +98,9 @@ async def test_a_killed_backend_fails_only_its_request(postgres, admin) -> None:
                 group.start_soon(bystander, i)
             await victim_ready.wait()
             async with admin.connect() as conn:
-                await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": results["pid"]})
+                await conn.execute(
+                    text("SELECT pg_terminate_backend(:pid)"), {"pid": results["pid"]}
+                )
         error = results["victim"]
         assert isinstance(error, sa_exc.DBAPIError)
         assert error.connection_invalidated
@@ -201,7 +204,7 @@ PG_CTL = shutil.which("pg_ctlcluster")
 
 
 def _pg(action: str) -> None:
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    version = max(path.name for path in Path("/etc/postgresql").iterdir())
     subprocess.run(  # noqa: S603 - fixed arguments
         [PG_CTL, "--skip-systemctl-redirect", version, "main", action],  # type: ignore[list-item]
         check=True,

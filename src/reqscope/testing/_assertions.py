@@ -14,14 +14,15 @@ def assert_no_leaks(factory: IsolatedSessionFactory) -> None:
         AssertionError: listing what is still open, with ids and ages.
     """
     metrics = factory.metrics()
-    problems: list[str] = []
-    for record in factory.active_sessions():
-        problems.append(
-            f"session {record.session_id} of user {record.user_id!r} (request "
-            f"{record.request_id}, task {record.task_name}) open for {record.age:.2f} s"
-        )
+    problems = [
+        f"session {record.session_id} of user {record.user_id!r} (request "
+        f"{record.request_id}, task {record.task_name}) open for {record.age:.2f} s"
+        for record in factory.active_sessions()
+    ]
     if metrics.pool is not None and metrics.pool.checked_out:
-        problems.append(f"{metrics.pool.checked_out} connection(s) still checked out ({metrics.pool})")
+        problems.append(
+            f"{metrics.pool.checked_out} connection(s) still checked out ({metrics.pool})"
+        )
     if metrics.leaks_detected:
         problems.append(
             f"{metrics.leaks_detected} leak(s) detected, {metrics.leaks_reclaimed} reclaimed"
