@@ -9,7 +9,15 @@ Framework adapters live in :mod:`reqscope.fastapi`, :mod:`reqscope.starlette` an
 
 from __future__ import annotations
 
+from reqscope._agents import (
+    AgentInstanceFactory,
+    AgentRegistry,
+    AgentScope,
+    SessionProvider,
+    SharedStateWarning,
+)
 from reqscope._breaker import CircuitBreaker, CircuitState
+from reqscope._containment import RunResult, gather_isolated, run_isolated
 from reqscope._context import (
     AuditEvent,
     UserExecutionContext,
@@ -17,6 +25,7 @@ from reqscope._context import (
     current_context_or_none,
     use_context,
 )
+from reqscope._events import Event, EventChannel, EventHub, HubStats, UserEventEmitter
 from reqscope._health import HealthReport
 from reqscope._leaks import LeakDetector, LeakReport
 from reqscope._pool import PoolConfig, PoolStats, build_engine
@@ -52,7 +61,10 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AgentCreationError",
+    "AgentInstanceFactory",
     "AgentNotRegisteredError",
+    "AgentRegistry",
+    "AgentScope",
     "AuditEvent",
     "CircuitBreaker",
     "CircuitOpenError",
@@ -60,8 +72,12 @@ __all__ = [
     "ContextValidationError",
     "DatabaseBusyError",
     "DatabaseUnavailableError",
+    "Event",
+    "EventChannel",
+    "EventHub",
     "FactoryMetrics",
     "HealthReport",
+    "HubStats",
     "IsolatedSessionFactory",
     "IsolationViolation",
     "LeakDetector",
@@ -73,20 +89,26 @@ __all__ = [
     "ReqscopeError",
     "ReqscopeSession",
     "RequestTimeoutError",
+    "RunResult",
+    "SessionProvider",
     "SessionReclaimedError",
     "SessionRecord",
     "SessionScopeError",
     "SessionTags",
+    "SharedStateWarning",
     "TenancyConfigurationError",
+    "UserEventEmitter",
     "UserExecutionContext",
     "__version__",
     "build_engine",
     "configure",
     "current_context",
     "current_context_or_none",
+    "gather_isolated",
     "get_default_factory",
     "isolated_session",
     "mark_session_as_global",
+    "run_isolated",
     "session_tags",
     "use_context",
     "validate_session_is_request_scoped",

@@ -1,0 +1,291 @@
+"""Per-connection event channels: one user's WebSocket never sees another's events."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from reqscope._context import UserExecutionContext, new_id
+from reqscope._freeze import EMPTY, encode_json_value, freeze_mapping
+from reqscope.exceptions import IsolationViolation, ReqscopeError
+
+__all__ = ["Event", "EventChannel", "EventHub", "HubStats", "UserEventEmitter"]
+
+logger = logging.getLogger("reqscope")
+
+Overflow = Literal["drop_oldest", "disconnect"]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event for one user; the payload is deep-frozen."""
+
+    type: str
+    payload: Mapping[str, Any]
+    user_id: str
+    run_id: str
+    thread_id: str
+    request_id: str
+    at: dt.datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the event as JSON-safe data (what a WebSocket handler sends)."""
+        return {
+            "type": self.type,
+            "payload": encode_json_value(self.payload),
+            "user_id": self.user_id,
+            "run_id": self.run_id,
+            "thread_id": self.thread_id,
+            "request_id": self.request_id,
+            "at": self.at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HubStats:
+    """A snapshot of an :class:`EventHub`."""
+
+    connections: int
+    per_user: Mapping[str, int]
+    dropped: int
+    disconnected: int
+    delivered: int
+    violations: int
+
+
+class EventChannel:
+    """One connection's bounded queue of events; ``async for event in channel``."""
+
+    def __init__(self, hub: EventHub, ctx: UserExecutionContext, connection_id: str) -> None:
+        self.hub = hub
+        self.context = ctx
+        self.user_id = ctx.user_id
+        self.connection_id = connection_id
+        self.dropped = 0
+        self.closed = False
+        send, receive = anyio.create_memory_object_stream[Event](hub.max_queue)
+        self._send: MemoryObjectSendStream[Event] = send
+        self._receive: MemoryObjectReceiveStream[Event] = receive
+
+    def deliver(self, event: Event) -> bool:
+        """Queue ``event`` without ever blocking; apply the overflow policy when full."""
+        if self.closed:
+            return False
+        try:
+            self._send.send_nowait(event)
+        except anyio.WouldBlock:
+            if self.hub.overflow == "disconnect":
+                self.hub.disconnected += 1
+                logger.warning(
+                    "reqscope: disconnecting channel %s of user %r: its queue of %d is full",
+                    self.connection_id,
+                    self.user_id,
+                    self.hub.max_queue,
+                    extra={"user_id": self.user_id, "connection_id": self.connection_id},
+                )
+                self.close()
+                return False
+            self._receive.receive_nowait()  # drop the oldest to make room
+            self.dropped += 1
+            self.hub.dropped += 1
+            self._send.send_nowait(event)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self.close()
+            return False
+        return True
+
+    async def receive(self) -> Event:
+        """Wait for the next event.
+
+        Raises:
+            anyio.EndOfStream: the channel was closed (disconnected or its block ended).
+        """
+        return await self._receive.receive()
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._receive.__aiter__()
+
+    def close(self) -> None:
+        """Close the channel; pending events can still be read, then iteration ends."""
+        if not self.closed:
+            self.closed = True
+            self._send.close()
+            self.hub._forget(self)  # noqa: SLF001
+
+
+class UserEventEmitter:
+    """Emits events to one user's channels (only ``ctx.websocket_client_id``'s when set)."""
+
+    def __init__(self, hub: EventHub, ctx: UserExecutionContext) -> None:
+        self.hub = hub
+        self.context = ctx
+
+    async def emit(self, type: str, payload: Mapping[str, Any] | None = None) -> int:  # noqa: A002
+        """Deliver a frozen :class:`Event` and return how many channels received it.
+
+        A user with no connection receives nothing: that returns 0, it is not an error.
+        """
+        await anyio.lowlevel.checkpoint()
+        return self.emit_nowait(type, payload)
+
+    def emit_nowait(self, type: str, payload: Mapping[str, Any] | None = None) -> int:  # noqa: A002
+        """:meth:`emit` for sync code (it never blocks either)."""
+        ctx = self.context
+        event = self.hub.event(ctx, type, payload)
+        target = ctx.websocket_client_id
+        delivered = 0
+        for channel in list(self.hub._by_user.get(ctx.user_id, {}).values()):  # noqa: SLF001
+            if (target is None or channel.connection_id == target) and channel.deliver(event):
+                delivered += 1
+        self.hub.delivered += delivered
+        return delivered
+
+
+class _Connection:
+    def __init__(self, hub: EventHub, ctx: UserExecutionContext, connection_id: str) -> None:
+        self._channel = EventChannel(hub, ctx, connection_id)
+
+    async def __aenter__(self) -> EventChannel:
+        self._channel.hub._add(self._channel)  # noqa: SLF001
+        return self._channel
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._channel.close()
+        self._channel._receive.close()  # noqa: SLF001
+
+
+class EventHub:
+    """Routes events to per-connection channels, never across users.
+
+    Args:
+        max_queue: events a channel holds before the overflow policy applies.
+        overflow: ``"drop_oldest"`` keeps the newest events; ``"disconnect"`` closes a
+            channel that does not keep up. Either way, no other channel waits.
+    """
+
+    def __init__(self, max_queue: int = 256, overflow: Overflow = "drop_oldest") -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if overflow not in ("drop_oldest", "disconnect"):
+            raise ValueError(f"overflow must be 'drop_oldest' or 'disconnect', got {overflow!r}")
+        self.max_queue = max_queue
+        self.overflow: Overflow = overflow
+        self._by_user: dict[str, dict[str, EventChannel]] = {}
+        self._by_id: dict[str, EventChannel] = {}
+        self.dropped = 0
+        self.disconnected = 0
+        self.delivered = 0
+        self.violations = 0
+
+    def connect(self, ctx: UserExecutionContext, connection_id: str | None = None) -> _Connection:
+        """Open a channel owned by ``ctx.user_id`` for the ``async with`` block.
+
+        ``connection_id`` defaults to ``ctx.websocket_client_id`` or a new id.
+        """
+        if not isinstance(ctx, UserExecutionContext):
+            raise TypeError(f"connect() takes a UserExecutionContext, got {type(ctx).__name__}")
+        connection_id = connection_id or ctx.websocket_client_id or new_id()
+        if connection_id in self._by_id:
+            raise ReqscopeError(
+                f"connection id {connection_id!r} is already connected; use a unique id "
+                "per WebSocket"
+            )
+        return _Connection(self, ctx, connection_id)
+
+    def emitter(self, ctx: UserExecutionContext) -> UserEventEmitter:
+        """An emitter that delivers to ``ctx``'s user only."""
+        return UserEventEmitter(self, ctx)
+
+    def event(
+        self,
+        ctx: UserExecutionContext,
+        type: str,  # noqa: A002 - mirrors Event.type
+        payload: Mapping[str, Any] | None,
+    ) -> Event:
+        """Build a frozen event of ``ctx``'s user (payload validated like metadata)."""
+        given: object = type
+        if not isinstance(given, str) or not given:
+            raise ValueError(f"event types are non-empty strings, got {type!r}")
+        return Event(
+            type=type,
+            payload=EMPTY if payload is None else freeze_mapping(payload, root="payload"),
+            user_id=ctx.user_id,
+            run_id=ctx.run_id,
+            thread_id=ctx.thread_id,
+            request_id=ctx.request_id,
+            at=dt.datetime.now(dt.timezone.utc),
+        )
+
+    async def send(
+        self,
+        connection_id: str,
+        type: str,  # noqa: A002
+        payload: Mapping[str, Any] | None = None,
+        *,
+        ctx: UserExecutionContext,
+    ) -> bool:
+        """Deliver to one connection of ``ctx``'s user; returns whether it was queued.
+
+        Raises:
+            IsolationViolation: the connection belongs to another user (nothing delivered).
+        """
+        await anyio.lowlevel.checkpoint()
+        channel = self._by_id.get(connection_id)
+        if channel is None:
+            return False
+        if channel.user_id != ctx.user_id:
+            self.violations += 1
+            logger.error(
+                "reqscope: user %r (request %s) tried to send %r into connection %s of user %r",
+                ctx.user_id,
+                ctx.request_id,
+                type,
+                connection_id,
+                channel.user_id,
+                extra={"user_id": ctx.user_id, "target_user_id": channel.user_id},
+            )
+            raise IsolationViolation(
+                f"connection {connection_id} belongs to another user; user "
+                f"{ctx.user_id!r} can only send to its own connections (use "
+                "hub.emitter(ctx).emit())"
+            )
+        delivered = channel.deliver(self.event(ctx, type, payload))
+        self.delivered += delivered
+        return delivered
+
+    def stats(self) -> HubStats:
+        """Connections, per-user counts and overflow counters."""
+        return HubStats(
+            connections=len(self._by_id),
+            per_user={user: len(channels) for user, channels in self._by_user.items()},
+            dropped=self.dropped,
+            disconnected=self.disconnected,
+            delivered=self.delivered,
+            violations=self.violations,
+        )
+
+    def _add(self, channel: EventChannel) -> None:
+        if channel.connection_id in self._by_id:
+            raise ReqscopeError(f"connection id {channel.connection_id!r} is already connected")
+        self._by_id[channel.connection_id] = channel
+        self._by_user.setdefault(channel.user_id, {})[channel.connection_id] = channel
+
+    def _forget(self, channel: EventChannel) -> None:
+        if self._by_id.get(channel.connection_id) is channel:
+            del self._by_id[channel.connection_id]
+            channels = self._by_user.get(channel.user_id, {})
+            channels.pop(channel.connection_id, None)
+            if not channels:
+                self._by_user.pop(channel.user_id, None)
