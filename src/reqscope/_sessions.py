@@ -29,6 +29,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
+from sqlalchemy.util import greenlet_spawn
 from typing_extensions import Self
 
 from reqscope._breaker import CircuitBreaker, is_connection_failure
@@ -82,13 +83,12 @@ _TAG_KEYS: Final = (
     "factory_managed",
 )
 
-# Sync Session -> its entry, and sync Connection -> the entry of the session bound to it.
-_session_entries: weakref.WeakKeyDictionary[Session, Entry] = weakref.WeakKeyDictionary()
+# Sync Connection -> the entry of the session bound to it (sessions carry their own entry).
 _connection_entries: weakref.WeakKeyDictionary[Connection, Entry] = weakref.WeakKeyDictionary()
 
 
 def _lookup(session: Session) -> Entry | None:
-    return _session_entries.get(session)
+    return getattr(session, "_reqscope_entry", None)
 
 
 class ReqscopeSession(Session):
@@ -98,6 +98,8 @@ class ReqscopeSession(Session):
     ``connection()`` is checked here because no session event fires before it hands out
     a connection.
     """
+
+    _reqscope_entry: Entry | None = None
 
     def connection(self, *args: Any, **kwargs: Any) -> Connection:
         entry = _lookup(self)
@@ -232,6 +234,14 @@ def _task_name() -> str | None:
     return None if task is None else task.get_name()
 
 
+def _close(session: Session, conn: Connection | None) -> None:
+    # Rolls back what was not committed and returns the connection, in one greenlet
+    # (AsyncSession.close() and AsyncConnection.close() would take one each).
+    session.close()
+    if conn is not None:
+        conn.close()
+
+
 def _restore_context(token: Any, previous: UserExecutionContext | None) -> None:
     try:
         _current.reset(token)
@@ -294,8 +304,11 @@ class _SessionScope:
         ctx = self._ctx if self._ctx is not None else current_context()
         self._probe = factory.circuit_breaker.before_call()
         try:
-            with anyio.fail_after(factory.acquire_timeout):
+            if factory._has_idle_connection():  # noqa: SLF001
                 conn = await factory.engine.connect()
+            else:  # may connect or wait: bound it (anyio scopes cost ~10 µs, so only here)
+                with anyio.fail_after(factory.acquire_timeout):
+                    conn = await factory.engine.connect()
         except BaseException as exc:
             factory._registry.sessions_failed += 1  # noqa: SLF001
             if not factory.circuit_breaker.observe(exc, connecting=True) and self._probe:
@@ -354,19 +367,18 @@ class _SessionScope:
         reclaimed = entry.state is EntryState.RECLAIMED
         if not reclaimed:
             clean = False
-            with anyio.CancelScope(shield=True):
-                with anyio.move_on_after(factory.cleanup_timeout):
-                    try:
-                        await session.close()
-                        await conn.close()
-                        clean = True
-                    except Exception:
-                        factory._registry.cleanup_failures += 1  # noqa: SLF001
-                        logger.exception(
-                            "reqscope: closing session %s failed; invalidating its connection",
-                            entry.session_id,
-                            extra=entry.log_fields(),
-                        )
+            deadline = anyio.current_time() + factory.cleanup_timeout
+            with anyio.CancelScope(shield=True, deadline=deadline):
+                try:
+                    await greenlet_spawn(_close, session.sync_session, conn.sync_connection)
+                    clean = True
+                except Exception:
+                    factory._registry.cleanup_failures += 1  # noqa: SLF001
+                    logger.exception(
+                        "reqscope: closing session %s failed; invalidating its connection",
+                        entry.session_id,
+                        extra=entry.log_fields(),
+                    )
             if not clean:
                 _invalidate(conn)
         else:
@@ -613,9 +625,13 @@ class IsolatedSessionFactory:
             "".join(traceback.format_stack(limit=26)[:-2]) if self.capture_stacks else None,
         )
         entry.owner = self
-        _session_entries[session.sync_session] = entry
+        session.sync_session._reqscope_entry = entry  # type: ignore[attr-defined]
         self._registry.add(entry)
         return entry
+
+    def _has_idle_connection(self) -> bool:
+        checkedin = getattr(self.engine.pool, "checkedin", None)
+        return checkedin is not None and checkedin() > 0
 
     def _reclaim(self, entry: Entry, defer: bool) -> None:
         # Synchronous: the leak detector's scan() must not await. Invalidation frees the
@@ -755,7 +771,7 @@ class IsolatedSessionFactory:
 
 def _entry_of(session: AsyncSession | Session) -> Entry | None:
     sync = session.sync_session if isinstance(session, AsyncSession) else session
-    return _session_entries.get(sync)
+    return _lookup(sync)
 
 
 def session_tags(session: AsyncSession | Session) -> SessionTags:

@@ -1,0 +1,219 @@
+"""Per-request cost of reqscope sessions against plain async_sessionmaker sessions.
+
+    python benchmarks/sessions.py [--rounds 5] [--requests 2000] [--postgres URL]
+
+Primary figure: CPU time of this process per request (time.process_time), as
+shared/BENCHMARKING.md asks; wall-clock latency and throughput are printed but not gated on.
+Variants share one engine (same pool, same driver). "plain-again" is a second run of the plain
+variant under another name: its ratio is the noise floor. Rounds interleave the variants and
+rotate their order; the table shows the median of per-round paired ratios.
+
+Also measured: one leak-detector pass over 10,000 open, unexpired sessions, and RSS growth
+over 200,000 session scopes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import sqlalchemy
+from sqlalchemy import Integer, String, insert, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import reqscope
+from reqscope import IsolatedSessionFactory, PoolConfig, UserExecutionContext, build_engine
+from reqscope._leaks import LeakDetector
+from reqscope._registry import Entry, SessionRegistry
+
+POOL = PoolConfig(pool_size=20, max_overflow=0, pool_timeout=120.0)
+CONCURRENCY = (1, 100, 1000)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Row(Base):
+    __tablename__ = "reqscope_bench_rows"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(String(64))
+
+
+Workload = Callable[[AsyncSession, str], Awaitable[None]]
+
+
+async def select_one(session: AsyncSession, _user: str) -> None:
+    await session.execute(text("SELECT 1"))
+
+
+async def insert_select(session: AsyncSession, user: str) -> None:
+    async with session.begin():
+        await session.execute(insert(Row).values(user_id=user, body="x"))
+        await session.execute(select(Row.id).where(Row.user_id == user).limit(5))
+
+
+WORKLOADS: dict[str, Workload] = {"SELECT 1": select_one, "insert+select": insert_select}
+
+
+def variants(engine: AsyncEngine, factory: IsolatedSessionFactory):
+    maker = async_sessionmaker(engine, expire_on_commit=False)
+
+    async def plain(workload: Workload, user: str) -> None:
+        async with maker() as session:
+            await workload(session, user)
+
+    async def scoped(workload: Workload, user: str) -> None:
+        async with factory.session(UserExecutionContext.create(user)) as session:
+            await workload(session, user)
+
+    return {"plain": plain, "plain-again": plain, "reqscope": scoped}
+
+
+async def measure(run, workload: Workload, requests: int, concurrency: int) -> tuple[float, float]:
+    """Return (CPU µs per request, wall ms per request) for ``requests`` requests."""
+    per_worker = max(1, requests // concurrency)
+    total = per_worker * concurrency
+
+    async def worker(index: int) -> None:
+        user = f"user-{index % 100}"
+        for _ in range(per_worker):
+            await run(workload, user)
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    async with anyio.create_task_group() as group:
+        for index in range(concurrency):
+            group.start_soon(worker, index)
+    return (
+        (time.process_time() - cpu) / total * 1e6,
+        (time.perf_counter() - wall) / total * 1e3,
+    )
+
+
+async def bench_database(name: str, url: str, rounds: int, requests: int) -> list[str]:
+    engine = build_engine(url, pool=POOL)
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.drop_all)
+        await conn.run_sync(Base.metadata.create_all)
+    lines = []
+    async with IsolatedSessionFactory(engine) as factory:
+        runs = variants(engine, factory)
+        names = list(runs)
+        for label, workload in WORKLOADS.items():
+            for concurrency in CONCURRENCY:
+                n = max(requests, concurrency * 2)
+                for variant in names:  # warm up: fill the pool, cache statements
+                    await measure(runs[variant], workload, min(n, 400), min(concurrency, 100))
+                cpu: dict[str, list[float]] = {v: [] for v in names}
+                wall: dict[str, list[float]] = {v: [] for v in names}
+                for index in range(rounds):
+                    order = names[index % len(names) :] + names[: index % len(names)]
+                    for variant in order:
+                        c, w = await measure(runs[variant], workload, n, concurrency)
+                        cpu[variant].append(c)
+                        wall[variant].append(w)
+                for variant in names:
+                    ratios = [a / b for a, b in zip(cpu[variant], cpu["plain"], strict=True)]
+                    wall_ratios = [a / b for a, b in zip(wall[variant], wall["plain"], strict=True)]
+                    lines.append(
+                        f"| {name} | {label} | {concurrency} | {variant} | "
+                        f"{statistics.median(cpu[variant]):.0f} | "
+                        f"{statistics.median(ratios):.3f} | "
+                        f"{min(ratios):.3f}–{max(ratios):.3f} | "
+                        f"{statistics.median(wall[variant]):.3f} | "
+                        f"{statistics.median(wall_ratios):.3f} |"
+                    )
+                print("\n".join(lines[-len(names) :]), flush=True)
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.drop_all)
+    await engine.dispose()
+    return lines
+
+
+def leak_pass_cost() -> float:
+    """Median µs of one LeakDetector.scan() over 10,000 open, unexpired sessions."""
+    registry = SessionRegistry()
+    for i in range(10_000):
+        ctx = UserExecutionContext.create(f"user-{i % 100}")
+        registry.add(Entry(f"s{i}", ctx, None, ctx.created_at, 3600.0, None, None))  # type: ignore[arg-type]
+    detector = LeakDetector(registry, lambda _e, _d: None, _noop, reclaim_leaks=True)
+    samples = []
+    for _ in range(9):
+        started = time.perf_counter_ns()
+        for _ in range(1000):
+            detector.scan()
+        samples.append((time.perf_counter_ns() - started) / 1000 / 1000)
+    assert len(registry) == 10_000
+    return statistics.median(samples)
+
+
+async def _noop() -> None:
+    return None
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as statm:  # noqa: PTH123
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+async def rss_growth(scopes: int) -> tuple[float, float]:
+    async with IsolatedSessionFactory(pool=PoolConfig(pool_size=5, max_overflow=0)) as factory:
+
+        async def run(count: int) -> None:
+            async def worker() -> None:
+                for _ in range(count // 10):
+                    async with factory.session(UserExecutionContext.create("u")) as session:
+                        await session.execute(text("SELECT 1"))
+
+            async with anyio.create_task_group() as group:
+                for _ in range(10):
+                    group.start_soon(worker)
+
+        await run(20_000)  # warm up: caches, pool, allocator arenas
+        before = rss_mb()
+        await run(scopes)
+        return before, rss_mb()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--postgres", default=os.environ.get("REQSCOPE_TEST_POSTGRES_URL"))
+    parser.add_argument("--scopes", type=int, default=200_000)
+    args = parser.parse_args()
+    print(f"command: python {' '.join(sys.argv)}")
+    print(
+        f"python {platform.python_version()}, sqlalchemy {sqlalchemy.__version__}, "
+        f"reqscope {reqscope.__version__}, nproc {os.cpu_count()}, {platform.machine()}"
+    )
+    print(f"pool: {POOL}; rounds={args.rounds}; requests per measurement={args.requests}")
+    print(
+        "| database | workload | concurrency | variant | CPU µs/req | CPU ratio (median) | "
+        "ratio range | wall ms/req | wall ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        sqlite = f"sqlite+aiosqlite:///{Path(tmp) / 'bench.sqlite3'}"
+        await bench_database("SQLite", sqlite, args.rounds, args.requests)
+    if args.postgres:
+        await bench_database("PostgreSQL", args.postgres, args.rounds, args.requests)
+    print(f"\nleak-detector pass over 10,000 open sessions: {leak_pass_cost():.2f} µs (median)")
+    before, after = await rss_growth(args.scopes)
+    print(f"RSS over {args.scopes:,} session scopes: {before:.1f} MB -> {after:.1f} MB "
+          f"(+{after - before:.1f} MB)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
