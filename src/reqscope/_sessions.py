@@ -625,7 +625,7 @@ class IsolatedSessionFactory:
             "".join(traceback.format_stack(limit=26)[:-2]) if self.capture_stacks else None,
         )
         entry.owner = self
-        session.sync_session._reqscope_entry = entry  # type: ignore[attr-defined]
+        session.sync_session._reqscope_entry = entry  # type: ignore[attr-defined]  # noqa: SLF001 - our Session subclass
         self._registry.add(entry)
         return entry
 
