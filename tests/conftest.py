@@ -18,6 +18,8 @@ from sqlalchemy.engine import make_url
 
 from reqscope import IsolatedSessionFactory, PoolConfig, UserExecutionContext
 
+pytest_plugins = ["pytester"]
+
 REQUIRE_SERVICES = os.environ.get("REQSCOPE_REQUIRE_SERVICES") == "1"
 
 

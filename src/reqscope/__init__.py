@@ -56,6 +56,7 @@ from reqscope.exceptions import (
     SessionScopeError,
     TenancyConfigurationError,
 )
+from reqscope.tenancy import TenancyReport, TenantPolicy, TenantScoped
 
 __version__ = "0.1.0.dev0"
 
@@ -97,6 +98,9 @@ __all__ = [
     "SessionTags",
     "SharedStateWarning",
     "TenancyConfigurationError",
+    "TenancyReport",
+    "TenantPolicy",
+    "TenantScoped",
     "UserEventEmitter",
     "UserExecutionContext",
     "__version__",

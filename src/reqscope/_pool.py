@@ -122,8 +122,13 @@ def refuse_memory_sqlite(url: URL) -> None:
         )
 
 
+def _driver(url: URL) -> str:
+    # From the URL text: get_driver_name() would import the dialect (and fail for typos).
+    return url.drivername.partition("+")[2]
+
+
 def _connect_args(url: URL, timeout: float) -> dict[str, Any]:
-    driver = url.get_driver_name()
+    driver = _driver(url)
     if driver == "asyncpg":
         return {"timeout": timeout}
     if driver in {"psycopg", "psycopg_async"}:
@@ -188,7 +193,7 @@ def build_engine(
     except ModuleNotFoundError as exc:
         raise ReqscopeError(
             f"the driver for {parsed.drivername!r} is not installed ({exc.name}); "
-            f"install it with: pip install 'reqscope[{_extra_for(parsed)}]'"
+            f"install it with: {_install_hint(parsed, exc.name)}"
         ) from None
     except Exception as exc:  # an unknown dialect is an ArgumentError/NoSuchModuleError
         raise ReqscopeError(f"cannot create an engine for {parsed.drivername!r}: {exc}") from None
@@ -197,12 +202,17 @@ def build_engine(
     return engine
 
 
-def _extra_for(url: URL) -> str:
-    driver = url.get_driver_name()
-    return {
-        "asyncpg": "postgres",
-        "psycopg": "psycopg",
-        "psycopg_async": "psycopg",
-        "asyncmy": "mysql",
-        "aiosqlite": "sqlite",
-    }.get(driver, driver)
+_EXTRAS: Final = {
+    "asyncpg": "postgres",
+    "psycopg": "psycopg",
+    "psycopg_async": "psycopg",
+    "asyncmy": "mysql",
+    "aiosqlite": "sqlite",
+}
+
+
+def _install_hint(url: URL, module: str | None) -> str:
+    extra = _EXTRAS.get(_driver(url))
+    if extra is not None:
+        return f"pip install 'reqscope[{extra}]'"
+    return f"pip install {module or _driver(url)}"

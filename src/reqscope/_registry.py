@@ -113,6 +113,7 @@ class Entry:
 
     __slots__ = (
         "__weakref__",
+        "bypass_tenant",
         "connections",
         "ctx",
         "deadline",
@@ -153,6 +154,7 @@ class Entry:
         self.leak_reported = False
         self.connections: list[AsyncConnection] = []
         self.owner: Any = None  # the IsolatedSessionFactory that opened it
+        self.bypass_tenant = False
 
     def age(self, now: float | None = None) -> float:
         """Seconds since the session was opened."""

@@ -52,6 +52,17 @@ from reqscope.exceptions import (
     ReqscopeError,
     SessionReclaimedError,
     SessionScopeError,
+    TenancyConfigurationError,
+)
+from reqscope.tenancy import (
+    TenancyReport,
+    TenantPolicy,
+    add_tenant_criteria,
+    entry_tenant,
+    guard_flush,
+    inspect_tenancy,
+    set_tenant_setting,
+    tenant_tables,
 )
 
 if TYPE_CHECKING:
@@ -172,6 +183,9 @@ def _on_orm_execute(state: ORMExecuteState) -> None:
     entry = _lookup(state.session)
     if entry is not None:
         _enforce(entry, "execute")
+        tenant = entry_tenant(entry)
+        if tenant is not None:
+            add_tenant_criteria(state, *tenant)
 
 
 @event.listens_for(ReqscopeSession, "before_flush")
@@ -179,6 +193,18 @@ def _on_flush(session: Session, _flush_context: object, _instances: object) -> N
     entry = _lookup(session)
     if entry is not None:
         _enforce(entry, "flush")
+        tenant = entry_tenant(entry)
+        if tenant is not None:
+            guard_flush(session, *tenant)
+
+
+@event.listens_for(ReqscopeSession, "after_begin")
+def _on_begin(session: Session, _transaction: SessionTransaction, connection: Connection) -> None:
+    entry = _lookup(session)
+    if entry is not None and connection.dialect.name == "postgresql":
+        tenant = entry_tenant(entry)
+        if tenant is not None and tenant[0].rls:
+            set_tenant_setting(connection, *tenant)
 
 
 @event.listens_for(ReqscopeSession, "after_transaction_create")
@@ -265,6 +291,7 @@ class _SessionScope:
 
     __slots__ = (
         "_begin",
+        "_bypass",
         "_conn",
         "_ctx",
         "_entry",
@@ -283,6 +310,7 @@ class _SessionScope:
         lifetime: float | None,
         *,
         begin: bool,
+        bypass_tenant: bool = False,
     ) -> None:
         if ctx is not None and not isinstance(ctx, UserExecutionContext):
             raise TypeError(
@@ -294,6 +322,7 @@ class _SessionScope:
         self._ctx = ctx
         self._lifetime = lifetime
         self._begin = begin
+        self._bypass = bypass_tenant
         self._session: AsyncSession | None = None
 
     async def __aenter__(self) -> AsyncSession:
@@ -302,6 +331,8 @@ class _SessionScope:
         factory = self._factory
         factory._check_open()  # noqa: SLF001
         ctx = self._ctx if self._ctx is not None else current_context()
+        if self._bypass:
+            factory._authorize_bypass(ctx)  # noqa: SLF001
         self._probe = factory.circuit_breaker.before_call()
         try:
             if factory._has_idle_connection():  # noqa: SLF001
@@ -321,6 +352,7 @@ class _SessionScope:
         self._conn = conn
         session = factory._new_session(conn)  # noqa: SLF001
         entry = factory._register(session, ctx, self._lifetime)  # noqa: SLF001
+        entry.bypass_tenant = self._bypass
         _connection_entries[conn.sync_connection] = entry  # type: ignore[index]
         entry.connections.append(conn)
         self._entry = entry
@@ -343,11 +375,15 @@ class _SessionScope:
             if self._begin and error is None:
                 try:
                     await session.commit()
-                except BaseException as commit_error:
-                    # Cancelled or failed mid-commit: the outcome is unknown, so never
-                    # report success; the connection is not trusted again.
+                except Exception as commit_error:
+                    # SQLAlchemy rolled the transaction back: the connection is reusable.
                     error = commit_error
-                    _invalidate(self._conn)
+                    raise
+                except BaseException as commit_error:
+                    # Interrupted mid-commit: the outcome is unknown, so never report
+                    # success, and never trust the connection again.
+                    error = commit_error
+                    await factory._invalidate_gracefully(self._conn)  # noqa: SLF001
                     raise
         finally:
             await self._release(error)
@@ -380,7 +416,7 @@ class _SessionScope:
                         extra=entry.log_fields(),
                     )
             if not clean:
-                _invalidate(conn)
+                await factory._invalidate_gracefully(conn)  # noqa: SLF001
         else:
             await factory._invalidate_gracefully(conn)  # noqa: SLF001
         entry.state = EntryState.CLOSED if not reclaimed else EntryState.RECLAIMED
@@ -423,6 +459,9 @@ class IsolatedSessionFactory:
             omitted).
         cleanup_timeout: seconds the shielded rollback+close may take before the
             connection is invalidated instead.
+        tenant: confine every session to its context's user inside the database (ORM
+            filters everywhere, row-level security on PostgreSQL); see
+            :mod:`reqscope.tenancy`.
 
     Raises:
         ReqscopeError: an in-memory SQLite URL or engine, or an unusable URL.
@@ -441,6 +480,7 @@ class IsolatedSessionFactory:
         enforce_owner: bool = True,
         circuit_breaker: CircuitBreaker | None = None,
         cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
+        tenant: TenantPolicy | None = None,
     ) -> None:
         if max_session_lifetime <= 0:
             raise ValueError(f"max_session_lifetime must be positive, got {max_session_lifetime}")
@@ -462,6 +502,7 @@ class IsolatedSessionFactory:
         self.capture_stacks = capture_stacks
         self.enforce_owner = enforce_owner
         self.cleanup_timeout = cleanup_timeout
+        self.tenant = tenant
         pool_timeout = getattr(self.engine.pool, "_timeout", 30.0)
         connect_timeout = (pool or PoolConfig()).connect_timeout
         # A safety net over the driver's own connect timeout (asyncmy's does not cover the
@@ -498,10 +539,17 @@ class IsolatedSessionFactory:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the background leak detector (``async with factory`` calls this)."""
+        """Start the background leak detector (``async with factory`` calls this).
+
+        With a tenant policy on PostgreSQL, :meth:`check_tenancy` runs first and a role
+        that would bypass row-level security is refused. Call :meth:`aclose` from the same
+        task (as ``async with`` and ASGI lifespans do): the detector lives in a task group.
+        """
         self._check_open()
         if self._state == "started":
             return
+        if self.tenant is not None and self.tenant.rls and self.engine.dialect.name == "postgresql":
+            await self.check_tenancy()
         stack = contextlib.AsyncExitStack()
         if self.leak_check_interval > 0:
             group = await stack.enter_async_context(anyio.create_task_group())
@@ -572,7 +620,11 @@ class IsolatedSessionFactory:
     # -- scopes ----------------------------------------------------------------------------
 
     def session(
-        self, ctx: UserExecutionContext | None = None, *, max_lifetime: float | None = None
+        self,
+        ctx: UserExecutionContext | None = None,
+        *,
+        max_lifetime: float | None = None,
+        bypass_tenant: bool = False,
     ) -> _SessionScope:
         """Open a new session for one request; uncommitted work rolls back on exit.
 
@@ -580,6 +632,9 @@ class IsolatedSessionFactory:
             ctx: the request's context; the current one when omitted.
             max_lifetime: this scope's leak threshold in seconds (a long stream is not a
                 leak); the factory's ``max_session_lifetime`` when omitted.
+            bypass_tenant: lift the ORM tenant filter for admin work; only for a context
+                whose metadata carries the policy's ``admin_marker`` set to ``True``, and
+                always logged. Row-level security still applies on PostgreSQL.
 
         Returns:
             An async context manager yielding a real ``AsyncSession``. Inside the block,
@@ -589,14 +644,74 @@ class IsolatedSessionFactory:
             NoActiveContextError: no ``ctx`` given and none is current.
             CircuitOpenError: the database circuit is open.
             PoolExhaustedError: no connection came free within ``pool_timeout``.
+            IsolationViolation: ``bypass_tenant`` for a context not marked admin.
         """
-        return _SessionScope(self, ctx, max_lifetime, begin=False)
+        return _SessionScope(self, ctx, max_lifetime, begin=False, bypass_tenant=bypass_tenant)
 
     def begin(
-        self, ctx: UserExecutionContext | None = None, *, max_lifetime: float | None = None
+        self,
+        ctx: UserExecutionContext | None = None,
+        *,
+        max_lifetime: float | None = None,
+        bypass_tenant: bool = False,
     ) -> _SessionScope:
         """Like :meth:`session`, but commit on success (and roll back on error)."""
-        return _SessionScope(self, ctx, max_lifetime, begin=True)
+        return _SessionScope(self, ctx, max_lifetime, begin=True, bypass_tenant=bypass_tenant)
+
+    def _authorize_bypass(self, ctx: UserExecutionContext) -> None:
+        policy = self.tenant
+        if policy is None:
+            raise ReqscopeError(
+                "bypass_tenant=True needs a factory with a tenant policy "
+                "(IsolatedSessionFactory(..., tenant=TenantPolicy()))"
+            )
+        if ctx.metadata.get(policy.admin_marker) is not True:
+            self._registry.isolation_violations += 1
+            logger.error(
+                "reqscope: refused a tenant bypass for user %r (request %s): the context is "
+                "not marked admin",
+                ctx.user_id,
+                ctx.request_id,
+                extra={"user_id": ctx.user_id, "request_id": ctx.request_id},
+            )
+            raise IsolationViolation(
+                f"bypass_tenant=True for user {ctx.user_id!r}, whose context is not marked "
+                f"admin; your authorization code must set metadata {policy.admin_marker}=True "
+                "on admin contexts (never from client input)"
+            )
+        logger.warning(
+            "reqscope: tenant filter bypassed by admin user %r (request %s)",
+            ctx.user_id,
+            ctx.request_id,
+            extra={"user_id": ctx.user_id, "request_id": ctx.request_id, "bypass_tenant": True},
+        )
+
+    async def check_tenancy(self, tables: tuple[str, ...] | None = None) -> TenancyReport:
+        """Verify that row-level security binds this factory's database role.
+
+        Args:
+            tables: tenant tables to inspect; the tables of every mapped
+                :class:`~reqscope.tenancy.TenantScoped` model when omitted.
+
+        Returns:
+            The report (tables lacking ``FORCE`` that this role does not own are warnings,
+            also logged).
+
+        Raises:
+            TenancyConfigurationError: the role is a superuser or has ``BYPASSRLS``, owns a
+                tenant table without ``FORCE ROW LEVEL SECURITY``, or a table lacks RLS.
+        """
+        report = await inspect_tenancy(
+            self.engine, tables if tables is not None else tenant_tables()
+        )
+        for warning in report.warnings:
+            logger.warning("reqscope: %s", warning)
+        if report.problems:
+            raise TenancyConfigurationError(
+                "row-level security would not confine this factory's sessions: "
+                + "; ".join(report.problems)
+            )
+        return report
 
     def _new_session(self, conn: AsyncConnection) -> AsyncSession:
         return self._session_class(bind=conn, **self._session_kwargs)

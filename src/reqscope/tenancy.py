@@ -1,0 +1,318 @@
+"""Tenant isolation inside the database: ORM tenant filters and PostgreSQL row-level security.
+
+Two layers, each with its own limits:
+
+- **ORM filters** (every database): ORM ``SELECT``/``UPDATE``/``DELETE`` on models with the
+  :class:`TenantScoped` mixin are restricted to the context's user (``with_loader_criteria``,
+  relationship and joined loads included); flushes stamp or refuse the tenant column. Raw SQL
+  (``text()``, Core on tables) is *not* filtered.
+- **Row-level security** (PostgreSQL): every transaction starts with
+  ``SELECT set_config(:guc, :uid, true)``, transaction-local, with bind parameters; policies
+  from :func:`rls_policy_sql` then filter *every* query, raw SQL included, unless the role is a
+  superuser, has ``BYPASSRLS``, or owns a table without ``FORCE ROW LEVEL SECURITY`` — which
+  :meth:`reqscope.IsolatedSessionFactory.check_tenancy` refuses.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import String, inspect, text
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import Mapped, Session, mapped_column, with_loader_criteria
+
+from reqscope.exceptions import IsolationViolation, TenancyConfigurationError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.orm import ORMExecuteState
+
+    from reqscope._registry import Entry
+
+__all__ = [
+    "TableStatus",
+    "TenancyReport",
+    "TenantPolicy",
+    "TenantScoped",
+    "rls_policy_sql",
+]
+
+logger = logging.getLogger("reqscope")
+
+_GUC: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
+_TYPE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_ ]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantPolicy:
+    """How a factory confines sessions to the context's user.
+
+    Args:
+        column: the tenant column on tenant-scoped models and tables.
+        guc: the PostgreSQL setting RLS policies read (must contain a dot).
+        stamp_inserts: fill an unset tenant column on insert from the context.
+        admin_marker: the metadata key the application sets to ``True`` on contexts allowed
+            to use ``factory.session(ctx, bypass_tenant=True)``. Set it only from your own
+            authorization code, never from client input or propagated headers.
+        rls: on PostgreSQL, set ``guc`` in every transaction and check the role at start
+            (``False``: ORM filters only).
+    """
+
+    column: str = "user_id"
+    guc: str = "reqscope.user_id"
+    stamp_inserts: bool = True
+    admin_marker: str = "reqscope_admin"
+    rls: bool = True
+
+    def __post_init__(self) -> None:
+        if not _GUC.match(self.guc):
+            raise ValueError(
+                f"guc must look like 'prefix.name' (letters, digits, underscores), got {self.guc!r}"
+            )
+        if not self.column.isidentifier():
+            raise ValueError(f"column must be an identifier, got {self.column!r}")
+
+
+class TenantScoped:
+    """Declarative mixin: a ``user_id`` tenant column, and ORM tenant filtering on the model."""
+
+    user_id: Mapped[str] = mapped_column(String(256), index=True)
+
+
+def _scoped(entity: Any) -> bool:
+    return isinstance(entity, type) and issubclass(entity, TenantScoped)
+
+
+@functools.lru_cache(maxsize=32)
+def _criteria_factory(column: str) -> Callable[[str], Callable[[Any], Any]]:
+    # SQLAlchemy analyses the criteria lambda and tracks its closure variables as bound
+    # parameters (so user_id is never baked into cached SQL). Only user_id may be a closure
+    # variable: the column name is written into the lambda's code (it is a validated
+    # identifier, see TenantPolicy).
+    namespace: dict[str, Any] = {}
+    source = f"def make(user_id):\n    return lambda cls: cls.{column} == user_id\n"
+    exec(compile(source, f"<reqscope tenant criteria {column}>", "exec"), namespace)  # noqa: S102
+    make: Callable[[str], Callable[[Any], Any]] = namespace["make"]
+    return make
+
+
+def add_tenant_criteria(state: ORMExecuteState, policy: TenantPolicy, user_id: str) -> None:
+    """``do_orm_execute``: restrict ORM statements on tenant-scoped models to ``user_id``."""
+    if state.is_column_load or state.is_relationship_load:
+        return  # the criteria propagate to these loads from the statement that started them
+    if not (state.is_select or state.is_update or state.is_delete):
+        return
+    state.statement = state.statement.options(
+        with_loader_criteria(
+            TenantScoped,
+            _criteria_factory(policy.column)(user_id),
+            include_aliases=True,
+            track_closure_variables=True,
+        )
+    )
+
+
+def guard_flush(session: Session, policy: TenantPolicy, user_id: str) -> None:
+    """``before_flush``: stamp new rows' tenant, refuse rows of (or moved to) another user."""
+    column = policy.column
+    for obj in session.new:
+        if not _scoped(type(obj)):
+            continue
+        value = getattr(obj, column, None)
+        if value is None and policy.stamp_inserts:
+            setattr(obj, column, user_id)
+        elif value != user_id:
+            raise IsolationViolation(
+                f"flush: a new {type(obj).__name__} has {column}={value!r} but the session "
+                f"belongs to user {user_id!r}; a request can only create its own user's rows"
+            )
+    for obj in session.dirty:
+        if not _scoped(type(obj)):
+            continue
+        history = inspect(obj).attrs[column].history
+        if history.has_changes() and getattr(obj, column) != user_id:
+            raise IsolationViolation(
+                f"flush: {type(obj).__name__} would move to {column}="
+                f"{getattr(obj, column)!r}, another user's tenant; the session belongs to "
+                f"user {user_id!r}"
+            )
+
+
+def set_tenant_setting(connection: Connection, policy: TenantPolicy, user_id: str) -> None:
+    """``after_begin``: make ``user_id`` the transaction-local RLS setting.
+
+    ``set_config(..., true)`` with bind parameters: never an f-string ``SET`` (injection),
+    never plain ``SET`` (it would survive into the next borrower of the pooled connection),
+    and transaction-local, so it also works behind PgBouncer in transaction mode.
+    """
+    connection.execute(
+        text("SELECT set_config(:guc, :uid, true)"), {"guc": policy.guc, "uid": user_id}
+    )
+
+
+def rls_policy_sql(
+    table: str,
+    *,
+    column: str = "user_id",
+    guc: str = "reqscope.user_id",
+    column_type: str = "text",
+    policy_name: str | None = None,
+) -> list[str]:
+    """Return the PostgreSQL DDL that confines ``table`` to the current tenant.
+
+    ``ENABLE`` and ``FORCE ROW LEVEL SECURITY`` (so the owner is bound too) and one policy
+    with ``USING`` and ``WITH CHECK`` on
+    ``column = nullif(current_setting(guc, true), '')::column_type``: an unset setting (NULL
+    on a fresh connection, ``''`` after a transaction on a reused one) matches no row.
+
+    Args:
+        table: the table, optionally schema-qualified (``"app.notes"``).
+        column: the tenant column.
+        guc: the setting reqscope sets per transaction.
+        column_type: the column's SQL type, for the comparison (``text``, ``uuid``, ``bigint``).
+        policy_name: defaults to ``reqscope_tenant_<table>``.
+
+    Returns:
+        Statements to run in order (as a migration).
+    """
+    if not _GUC.match(guc):
+        raise ValueError(f"guc must look like 'prefix.name', got {guc!r}")
+    if not _TYPE.match(column_type):
+        raise ValueError(f"column_type must be a plain SQL type name, got {column_type!r}")
+    preparer = postgresql.dialect().identifier_preparer  # type: ignore[no-untyped-call]
+    parts = table.split(".")
+    if len(parts) not in {1, 2} or not all(parts):
+        raise ValueError(f"table must be 'name' or 'schema.name', got {table!r}")
+    qualified = ".".join(preparer.quote(part) for part in parts)
+    name = preparer.quote(policy_name or f"reqscope_tenant_{parts[-1]}")
+    condition = (
+        f"{preparer.quote(column)} = nullif(current_setting('{guc}', true), '')::{column_type}"
+    )
+    return [
+        f"ALTER TABLE {qualified} ENABLE ROW LEVEL SECURITY",
+        f"ALTER TABLE {qualified} FORCE ROW LEVEL SECURITY",
+        f"DROP POLICY IF EXISTS {name} ON {qualified}",
+        f"CREATE POLICY {name} ON {qualified} USING ({condition}) WITH CHECK ({condition})",
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class TableStatus:
+    """Row-level security on one tenant table."""
+
+    table: str
+    owner: str
+    row_security: bool
+    forced: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TenancyReport:
+    """What :meth:`IsolatedSessionFactory.check_tenancy` found."""
+
+    role: str
+    superuser: bool
+    bypass_rls: bool
+    tables: tuple[TableStatus, ...]
+    problems: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing would bypass row-level security for this role."""
+        return not self.problems
+
+
+def tenant_tables() -> tuple[str, ...]:
+    """Tables of every mapped :class:`TenantScoped` model (schema-qualified when set)."""
+    tables: set[str] = set()
+    pending = list(TenantScoped.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        table = getattr(cls, "__table__", None)
+        if table is not None:
+            tables.add(f"{table.schema}.{table.name}" if table.schema else table.name)
+    return tuple(sorted(tables))
+
+
+async def inspect_tenancy(engine: AsyncEngine, tables: tuple[str, ...]) -> TenancyReport:
+    """Read the role's RLS privileges and each table's RLS state; list what would bypass it.
+
+    Raises:
+        TenancyConfigurationError: not PostgreSQL (row-level security needs it).
+    """
+    if engine.dialect.name != "postgresql":
+        raise TenancyConfigurationError(
+            f"row-level security needs PostgreSQL, not {engine.dialect.name}; ORM tenant "
+            "filters still apply, raw SQL is not filtered"
+        )
+    async with engine.connect() as conn:
+        role, superuser, bypass = (
+            await conn.execute(
+                text(
+                    "SELECT current_user, rolsuper, rolbypassrls FROM pg_roles "
+                    "WHERE rolname = current_user"
+                )
+            )
+        ).one()
+        statuses = []
+        problems: list[str] = []
+        warnings: list[str] = []
+        if superuser:
+            problems.append(
+                f"role {role!r} is a superuser, which bypasses row-level security; connect "
+                "as an unprivileged application role"
+            )
+        if bypass:
+            problems.append(
+                f"role {role!r} has BYPASSRLS; connect as a role without it "
+                f"(ALTER ROLE {role} NOBYPASSRLS)"
+            )
+        for table in tables:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT pg_get_userbyid(relowner), relrowsecurity, relforcerowsecurity "
+                        "FROM pg_class WHERE oid = to_regclass(:t)"
+                    ),
+                    {"t": table},
+                )
+            ).one_or_none()
+            if row is None:
+                problems.append(f"tenant table {table!r} does not exist")
+                continue
+            owner, enabled, forced = row
+            statuses.append(TableStatus(table, owner, bool(enabled), bool(forced)))
+            if not enabled:
+                problems.append(
+                    f"table {table!r} has no row-level security; apply "
+                    "reqscope.tenancy.rls_policy_sql(...)"
+                )
+            elif not forced:
+                message = f"table {table!r} lacks FORCE ROW LEVEL SECURITY"
+                fix = f"; run ALTER TABLE {table} FORCE ROW LEVEL SECURITY"
+                if owner == role:  # the owner bypasses its own table's policies without FORCE
+                    problems.append(
+                        f"{message} and role {role!r} owns it, so its policies do not apply "
+                        f"to this role{fix}"
+                    )
+                else:
+                    warnings.append(f"{message} (its owner {owner!r} bypasses them){fix}")
+    return TenancyReport(
+        role, bool(superuser), bool(bypass), tuple(statuses), tuple(problems), tuple(warnings)
+    )
+
+
+def entry_tenant(entry: Entry) -> tuple[TenantPolicy, str] | None:
+    """The policy and user a session is confined to, or ``None`` (no policy, or bypass)."""
+    policy: TenantPolicy | None = entry.owner.tenant
+    if policy is None or entry.bypass_tenant:
+        return None
+    return policy, entry.ctx.user_id

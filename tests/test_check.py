@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import anyio
+import pytest
+
+from reqscope.__main__ import main
+from reqscope._check import run_check
+
+
+def test_check_on_the_embedded_default(capsys) -> None:
+    assert main(["check", "--requests", "120", "--users", "7", "--concurrency", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "OK: every request was an island" in out
+    assert "users 7, requests 120, concurrency 12" in out
+    assert "foreign rows seen 0" in out
+
+
+def test_check_json(capsys) -> None:
+    assert main(["check", "--requests", "40", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True
+    assert report["completed"] == 40
+    assert report["leaked_sessions"] == 0
+    assert report["checked_out_after"] == 0
+    assert report["pool_high_water"] <= report["pool_size"]
+    assert report["p99_ms"] >= report["p50_ms"] > 0
+
+
+def test_check_against_a_server(database, capsys) -> None:
+    assert main(["check", "--database-url", database.url, "--requests", "100", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"]
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("not a url", "cannot parse"),
+        ("nope://x", "cannot create an engine"),
+        ("postgresql+asyncpg://postgres@127.0.0.1:1/test", "cannot connect"),
+        ("mysql+aiomysql://root@127.0.0.1/test", "pip install aiomysql"),
+        ("sqlite+aiosqlite://", "in-memory SQLite"),
+    ],
+)
+def test_check_errors_are_one_line(url, message, capsys) -> None:
+    assert main(["check", "--database-url", url, "--requests", "5"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1
+    assert err.startswith("reqscope check: error:")
+
+
+def test_bad_numbers_are_usage_errors(capsys) -> None:
+    assert main(["check", "--users", "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_a_broken_isolation_is_reported() -> None:
+    # The check's own verdict logic: any violation counter makes it fail.
+    report = anyio.run(lambda: run_check(None, requests=20, users=3, concurrency=5, pool_size=2))
+    assert report.ok
+    report.uncommitted_rows_seen = 1
+    assert not report.ok
+    assert report.to_dict()["ok"] is False
+
+
+def test_console_entry_point_and_module() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "reqscope", "check", "--requests", "30"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import traceback
+
+import pytest
+from hypothesis import Phase, given, settings
+from sqlalchemy import select
+
+from reqscope import ContextValidationError, IsolatedSessionFactory, UserExecutionContext
+from reqscope.testing import IsolationMachine, assert_no_leaks, assert_no_violations
+from reqscope.testing.strategies import contexts, invalid_user_ids, metadata, user_ids
+from tenant_models import Doc, TenantBase
+
+pytestmark = pytest.mark.anyio
+
+
+@given(user_ids())
+def test_user_ids_are_valid(user_id) -> None:
+    assert UserExecutionContext.create(user_id).user_id == user_id
+
+
+@given(invalid_user_ids())
+def test_invalid_user_ids_are_rejected(value) -> None:
+    with pytest.raises(ContextValidationError):
+        UserExecutionContext.create(value)
+
+
+@given(contexts())
+def test_contexts_round_trip(ctx) -> None:
+    assert UserExecutionContext.from_dict(ctx.to_dict()) == ctx
+
+
+@given(metadata())
+def test_metadata_is_accepted(data) -> None:
+    UserExecutionContext.create("alice", metadata=data)
+
+
+async def test_assertions_report_what_is_open(factory) -> None:
+    assert_no_leaks(factory)
+    assert_no_violations(factory)
+    async with factory.session(UserExecutionContext.create("alice")):
+        with pytest.raises(AssertionError, match=r"session \w+ of user 'alice'") as info:
+            assert_no_leaks(factory)
+        assert "checked out" in str(info.value)
+    factory._registry.isolation_violations += 1
+    with pytest.raises(AssertionError, match="1 isolation violation"):
+        assert_no_violations(factory)
+    factory._registry.isolation_violations -= 1
+
+
+class NotesMachine(IsolationMachine):
+    """The library's own handler under random interleavings (ORM, no tenant filter)."""
+
+    users = ("alice", "bob", "carol")
+
+    async def create_factory(self) -> IsolatedSessionFactory:
+        factory = IsolatedSessionFactory()
+        async with factory.engine.begin() as conn:
+            await conn.run_sync(TenantBase.metadata.create_all)
+        return factory
+
+    async def write(self, factory, ctx, value) -> None:
+        async with factory.begin(ctx) as session:
+            session.add(Doc(user_id=ctx.user_id, title=value))
+
+    async def read(self, factory, ctx) -> list[str]:
+        async with factory.session(ctx) as session:
+            rows = await session.scalars(select(Doc.title).where(Doc.user_id == ctx.user_id))
+            return list(rows)
+
+
+TestNotesMachine = NotesMachine.TestCase
+TestNotesMachine.settings = settings(max_examples=10, stateful_step_count=8, deadline=None)
+
+
+def test_the_machine_catches_a_leaky_handler() -> None:
+    class LeakyMachine(NotesMachine):
+        async def read(self, factory, ctx) -> list[str]:  # forgot the user filter
+            async with factory.session(ctx) as session:
+                return list(await session.scalars(select(Doc.title)))
+
+    case = LeakyMachine.TestCase
+    case.settings = settings(
+        max_examples=30, stateful_step_count=10, deadline=None, phases=[Phase.generate]
+    )
+    # hypothesis raises the AssertionError, or a group of them when it finds several
+    with pytest.raises(Exception) as info:
+        case("runTest").runTest()
+    assert "AssertionError" in "".join(traceback.format_exception(info.value))
+
+
+PLUGIN_TEST = """
+import pytest
+from sqlalchemy import text
+
+pytestmark = pytest.mark.anyio
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+async def test_factory_and_context(reqscope_factory, reqscope_context):
+    async with reqscope_factory.session(reqscope_context) as session:
+        assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+    assert reqscope_context.user_id == "test-user"
+
+async def test_leak_is_reported(reqscope_factory, reqscope_context):
+    scope = reqscope_factory.session(reqscope_context)
+    await scope.__aenter__()
+"""
+
+
+def test_pytest_plugin(pytester) -> None:
+    pytester.makepyfile(PLUGIN_TEST)
+    result = pytester.runpytest_subprocess(
+        "-p", "anyio", "-W", "ignore::pytest.PytestUnraisableExceptionWarning"
+    )
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*reqscope found leaks*"])
