@@ -17,7 +17,6 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-import anyio.lowlevel
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, update
 
 from reqscope._context import UserExecutionContext
