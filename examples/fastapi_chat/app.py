@@ -119,7 +119,9 @@ def create_app(
     factory = IsolatedSessionFactory(database_url, pool=pool)
     registry = AgentRegistry(strict=True)
     registry.register("chat", ChatAgent)
-    agents = AgentInstanceFactory(registry, sessions=factory, infrastructure={"llm": FakeLlm(llm_delay)})
+    agents = AgentInstanceFactory(
+        registry, sessions=factory, infrastructure={"llm": FakeLlm(llm_delay)}
+    )
     hub = EventHub(max_queue=512)
 
     @asynccontextmanager
@@ -141,7 +143,9 @@ def create_app(
 
     @app.post("/messages")
     async def post_message(new: NewMessage, db: RequestScopedDbDep, ctx: RequestScopedContextDep):
-        message = ChatMessage(user_id=ctx.user_id, thread_id=ctx.thread_id, role="user", body=new.body)
+        message = ChatMessage(
+            user_id=ctx.user_id, thread_id=ctx.thread_id, role="user", body=new.body
+        )
         db.add(message)
         await db.commit()
         return {"id": message.id, "user_id": ctx.user_id}
@@ -154,10 +158,14 @@ def create_app(
         return [{"id": m.id, "user_id": m.user_id, "body": m.body} for m in rows]
 
     @app.get("/messages/stream")
-    async def stream_messages(db: RequestScopedDbDep, ctx: RequestScopedContextDep, delay: float = 0.0):
+    async def stream_messages(
+        db: RequestScopedDbDep, ctx: RequestScopedContextDep, delay: float = 0.0
+    ):
         async def body() -> AsyncIterator[str]:
             result = await db.stream_scalars(
-                select(ChatMessage).where(ChatMessage.user_id == ctx.user_id).order_by(ChatMessage.id)
+                select(ChatMessage)
+                .where(ChatMessage.user_id == ctx.user_id)
+                .order_by(ChatMessage.id)
             )
             async for message in result:  # the request's session is live until the last chunk
                 await anyio.sleep(delay)
@@ -194,7 +202,11 @@ def create_app(
         async def write_audit() -> None:
             # runs after the response: same context, but a session of its own
             async with factory.begin(current_context()) as session:
-                session.add(ChatMessage(user_id=ctx.user_id, thread_id=ctx.thread_id, role="audit", body="seen"))
+                session.add(
+                    ChatMessage(
+                        user_id=ctx.user_id, thread_id=ctx.thread_id, role="audit", body="seen"
+                    )
+                )
 
         background.add_task(write_audit)
         return {"queued": True}
@@ -213,8 +225,14 @@ def create_app(
             try:
                 while True:
                     text = await websocket.receive_text()
-                    async with message_session(websocket) as session:  # one short session per message
-                        session.add(ChatMessage(user_id=ctx.user_id, thread_id=ctx.thread_id, role="user", body=text))
+                    async with message_session(
+                        websocket
+                    ) as session:  # one short session per message
+                        session.add(
+                            ChatMessage(
+                                user_id=ctx.user_id, thread_id=ctx.thread_id, role="user", body=text
+                            )
+                        )
                         await session.commit()
                     await hub.emitter(ctx).emit("stored", {"text": text})
             except WebSocketDisconnect:

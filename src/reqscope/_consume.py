@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from reqscope._containment import DEFAULT_TIMEOUT, RunResult, run_isolated
 
@@ -33,7 +34,7 @@ class ConsumeStats:
     failures: list[RunResult[Any]] = field(default_factory=list)
 
 
-async def consume(
+async def consume(  # noqa: C901 - nested workers keep one run's state local
     source: AsyncIterable[M] | Iterable[M],
     handler: Callable[..., Awaitable[Any]],
     *,
@@ -73,9 +74,9 @@ async def consume(
     async def one(message: M) -> None:
         try:
             ctx = context_from(message)
-        except Exception as exc:
+        except Exception:
             stats.failed += 1
-            logger.exception("reqscope: message without a valid context dropped: %r", exc)
+            logger.exception("reqscope: message without a valid context dropped")
             return
         result = await run_isolated(ctx, process, message, ctx, timeout=timeout)
         if result.status == "ok":
@@ -89,14 +90,14 @@ async def consume(
             if inspect.isawaitable(outcome):
                 await outcome
 
-    async def worker() -> None:
-        async with receive.clone() as messages:
+    async def worker(messages: MemoryObjectReceiveStream[M]) -> None:
+        async with messages:
             async for message in messages:
                 await one(message)
 
     async with anyio.create_task_group() as group:
         for _ in range(concurrency):
-            group.start_soon(worker)
+            group.start_soon(worker, receive.clone())
         receive.close()
         async with send:
             if isinstance(source, AsyncIterable):

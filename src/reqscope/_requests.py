@@ -39,7 +39,7 @@ logger = logging.getLogger("reqscope")
 
 ANONYMOUS: Final = "anonymous"
 REQUEST_ID_HEADER: Final = "x-request-id"
-UserResolver = Callable[[Any], "str | None | Awaitable[str | None]"]
+UserResolver = Callable[[Any], "str | Awaitable[str | None] | None"]
 
 
 class NotAuthenticated(ReqscopeError):  # noqa: N818 - reads as the condition it is

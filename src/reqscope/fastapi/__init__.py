@@ -62,7 +62,7 @@ def setup(
     one of ``public_paths``.
     """
     app.add_middleware(
-        ReqscopeMiddleware,  # type: ignore[arg-type]  # Starlette's middleware protocol
+        ReqscopeMiddleware,
         factory=factory,
         agents=agents,
         hub=hub,
@@ -162,4 +162,3 @@ def monitoring_router(factory: IsolatedSessionFactory, *, prefix: str = "/reqsco
         ]
 
     return router
-

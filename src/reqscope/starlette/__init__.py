@@ -91,6 +91,7 @@ class ReqscopeMiddleware:
         self.allow_anonymous = allow_anonymous
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI call (lifespan and other scopes pass straight through)."""
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
@@ -105,8 +106,8 @@ class ReqscopeMiddleware:
                 websocket=websocket,
                 metadata={"path": path, "method": scope.get("method", "WS")},
             )
-        except (NotAuthenticated, ReqscopeError) as error:
-            await self._refuse(scope, receive, send, error, websocket=websocket)
+        except (NotAuthenticated, ReqscopeError) as refusal:
+            await self._refuse(scope, receive, send, refusal, websocket=websocket)
             return
         resources = RequestResources(ctx, self.factory, agents=self.agents, hub=self.hub)
         scope.setdefault("state", {})[STATE_KEY] = resources
@@ -159,7 +160,7 @@ def get_context(connection: HTTPConnection) -> UserExecutionContext:
 
 @asynccontextmanager
 async def request_session(request: HTTPConnection) -> AsyncIterator[AsyncSession]:
-    """``async with request_session(request) as session``: the request's one session.
+    """Yield the request's one session, for an ``async with`` block.
 
     It stays open until the response is finished (so a streaming body can read from it) and
     is rolled back then unless committed. Not for WebSockets: use :func:`message_session`.

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import anyio
 import httpx
 import pytest
-
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
+from example_loader import load_example
 from reqscope import IsolatedSessionFactory, PoolConfig
 from reqscope.fastapi import RequestScopedContextDep, RequestScopedDbDep, setup
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples" / "fastapi_chat"))
-from app import ChatMessage, bearer_user, create_app, create_tables  # noqa: E402
+_example = load_example("fastapi_chat/app.py", "example_fastapi_chat")
+ChatMessage = _example.ChatMessage
+bearer_user = _example.bearer_user
+create_app = _example.create_app
+create_tables = _example.create_tables
 
 pytestmark = pytest.mark.anyio
 
