@@ -59,7 +59,8 @@ def setup(
 
     The app's lifespan is wrapped so the factory starts with the app and closes after it.
     Requests without a user get 401 unless ``allow_anonymous`` or their path starts with
-    one of ``public_paths``.
+    one of ``public_paths``. Add your authentication middleware *after* calling ``setup()``:
+    Starlette runs the last-added middleware first, and ``from_state`` reads what it set.
     """
     app.add_middleware(
         ReqscopeMiddleware,
