@@ -32,7 +32,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import reqscope
-from reqscope import IsolatedSessionFactory, PoolConfig, UserExecutionContext, build_engine
+from reqscope import (
+    IsolatedSessionFactory,
+    PoolConfig,
+    TenantPolicy,
+    TenantScoped,
+    UserExecutionContext,
+    build_engine,
+)
 from reqscope._leaks import LeakDetector
 from reqscope._registry import Entry, SessionRegistry
 
@@ -42,6 +49,12 @@ CONCURRENCY = (1, 100, 1000)
 
 class Base(DeclarativeBase):
     pass
+
+
+class TenantRow(TenantScoped, Base):
+    __tablename__ = "reqscope_bench_tenant_rows"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    body: Mapped[str] = mapped_column(String(64))
 
 
 class Row(Base):
@@ -141,6 +154,53 @@ async def bench_database(name: str, url: str, rounds: int, requests: int) -> lis
     return lines
 
 
+async def bench_tenant(name: str, url: str, rounds: int, requests: int) -> None:
+    """The tenant-scoped session against a plain session running the same filtered query."""
+    engine = build_engine(url, pool=POOL)
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.drop_all)
+        await conn.run_sync(Base.metadata.create_all)
+        await conn.execute(
+            insert(TenantRow), [{"user_id": f"user-{i % 100}", "body": "x"} for i in range(1000)]
+        )
+    maker = async_sessionmaker(engine, expire_on_commit=False)
+    # ORM filters only: this measures reqscope's client-side cost (RLS adds one
+    # set_config statement per transaction, a server round trip, on top).
+    tenant = IsolatedSessionFactory(engine, tenant=TenantPolicy(rls=False))
+
+    async def plain(_workload: Workload, user: str) -> None:
+        async with maker() as session:
+            await session.scalars(select(TenantRow).where(TenantRow.user_id == user).limit(5))
+
+    async def scoped(_workload: Workload, user: str) -> None:
+        async with tenant.session(UserExecutionContext.create(user)) as session:
+            await session.scalars(select(TenantRow).limit(5))  # the policy adds the filter
+
+    runs = {"plain": plain, "plain-again": plain, "reqscope+tenant": scoped}
+    names = list(runs)
+    async with tenant:
+        for concurrency in (1, 100):
+            for variant in names:
+                await measure(runs[variant], select_one, 400, min(concurrency, 100))
+            cpu: dict[str, list[float]] = {v: [] for v in names}
+            for index in range(rounds):
+                for variant in names[index % 3 :] + names[: index % 3]:
+                    cpu[variant].append(
+                        (await measure(runs[variant], select_one, requests, concurrency))[0]
+                    )
+            for variant in names:
+                ratios = [a / b for a, b in zip(cpu[variant], cpu["plain"], strict=True)]
+                print(
+                    f"| {name} | ORM select, tenant model | {concurrency} | {variant} | "
+                    f"{statistics.median(cpu[variant]):.0f} | {statistics.median(ratios):.3f} | "
+                    f"{min(ratios):.3f} to {max(ratios):.3f} | | |",
+                    flush=True,
+                )
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.drop_all)
+    await engine.dispose()
+
+
 def leak_pass_cost() -> float:
     """Median µs of one LeakDetector.scan() over 10,000 open, unexpired sessions."""
     registry = SessionRegistry()
@@ -195,6 +255,7 @@ async def main() -> None:
     parser.add_argument("--postgres", default=os.environ.get("REQSCOPE_TEST_POSTGRES_URL"))
     parser.add_argument("--scopes", type=int, default=200_000)
     parser.add_argument("--only-memory", action="store_true", help="skip the latency table")
+    parser.add_argument("--only-tenant", action="store_true", help="only the tenant table")
     args = parser.parse_args()
     print(f"command: python {' '.join(sys.argv)}")
     print(
@@ -207,12 +268,19 @@ async def main() -> None:
         "ratio range | wall ms/req | wall ratio |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    full = not (args.only_memory or args.only_tenant)
     with tempfile.TemporaryDirectory() as tmp:
         sqlite = f"sqlite+aiosqlite:///{Path(tmp) / 'bench.sqlite3'}"
-        if not args.only_memory:
+        if full:
             await bench_database("SQLite", sqlite, args.rounds, args.requests)
-    if args.postgres and not args.only_memory:
+        if full or args.only_tenant:
+            await bench_tenant("SQLite", sqlite, args.rounds, args.requests)
+    if args.postgres and full:
         await bench_database("PostgreSQL", args.postgres, args.rounds, args.requests)
+    if args.postgres and (full or args.only_tenant):
+        await bench_tenant("PostgreSQL", args.postgres, args.rounds, args.requests)
+    if args.only_tenant:
+        return
     print(f"\nleak-detector pass over 10,000 open sessions: {leak_pass_cost():.2f} µs (median)")
     before, after = await rss_growth(args.scopes)
     print(
