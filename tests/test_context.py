@@ -10,7 +10,6 @@ import anyio
 import anyio.lowlevel
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 from sqlalchemy import create_engine
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -24,54 +23,13 @@ from reqscope import (
     current_context_or_none,
     use_context,
 )
+from reqscope.testing.strategies import contexts, user_ids
+from reqscope.testing.strategies import metadata as strategy_metadata
 
 PLACEHOLDERS = ["None", "null", "undefined", "nil", "placeholder", "default_user"]
 
-ids = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=64).filter(
-    lambda s: s == s.strip() and s.lower() not in {p.lower() for p in PLACEHOLDERS}
-)
-
-json_leaves = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20)
-    | st.datetimes(timezones=st.none() | st.just(dt.timezone.utc))
-    | st.dates()
-    | st.uuids()
-    | st.decimals(allow_nan=False, allow_infinity=False, places=4)
-    | st.binary(max_size=16)
-)
-metadata_values = st.recursive(
-    json_leaves,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=20,
-)
-metadata = st.dictionaries(st.text(max_size=10), metadata_values, max_size=6)
-
-
-@st.composite
-def contexts(draw: st.DrawFn) -> UserExecutionContext:
-    ctx = UserExecutionContext.create(
-        draw(ids),
-        thread_id=draw(st.none() | ids),
-        run_id=draw(st.none() | ids),
-        websocket_client_id=draw(st.none() | ids),
-        metadata=draw(metadata),
-    )
-    for _ in range(draw(st.integers(0, 3))):
-        ctx = ctx.child(
-            draw(ids),
-            **draw(
-                st.dictionaries(
-                    st.from_regex(r"[a-z]{1,5}", fullmatch=True), metadata_values, max_size=2
-                )
-            ),
-        )
-    return ctx
+ids = user_ids()
+metadata = strategy_metadata()
 
 
 @given(contexts())

@@ -46,15 +46,7 @@ class HealthReport:
             "status": self.status,
             "database_latency_ms": self.database_latency_ms,
             "circuit_state": self.circuit_state.value,
-            "pool": None
-            if pool is None
-            else {
-                "size": pool.size,
-                "checked_in": pool.checked_in,
-                "checked_out": pool.checked_out,
-                "overflow": pool.overflow,
-                "capacity": pool.capacity,
-            },
+            "pool": None if pool is None else pool.to_dict(),
             "active_sessions": self.active_sessions,
             "leaks_detected": self.leaks_detected,
             "error": self.error,

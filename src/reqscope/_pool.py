@@ -74,6 +74,16 @@ class PoolStats:
     overflow: int
     capacity: int
 
+    def to_dict(self) -> dict[str, int]:
+        """Return the snapshot as JSON-safe data."""
+        return {
+            "size": self.size,
+            "checked_in": self.checked_in,
+            "checked_out": self.checked_out,
+            "overflow": self.overflow,
+            "capacity": self.capacity,
+        }
+
     def __str__(self) -> str:
         return (
             f"size={self.size}, checked_out={self.checked_out}, checked_in={self.checked_in}, "

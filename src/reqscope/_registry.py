@@ -88,15 +88,7 @@ class FactoryMetrics:
             "scope_violations": self.scope_violations,
             "cleanup_failures": self.cleanup_failures,
             "circuit_state": self.circuit_state.value,
-            "pool": None
-            if pool is None
-            else {
-                "size": pool.size,
-                "checked_in": pool.checked_in,
-                "checked_out": pool.checked_out,
-                "overflow": pool.overflow,
-                "capacity": pool.capacity,
-            },
+            "pool": None if pool is None else pool.to_dict(),
         }
 
 
