@@ -25,6 +25,12 @@ from reqscope._context import (
     current_context_or_none,
     use_context,
 )
+from reqscope._enforcement import (
+    ReqscopeSession,
+    mark_session_as_global,
+    session_tags,
+    validate_session_is_request_scoped,
+)
 from reqscope._events import Event, EventChannel, EventHub, HubStats, UserEventEmitter
 from reqscope._health import HealthReport
 from reqscope._leaks import LeakDetector, LeakReport
@@ -32,13 +38,9 @@ from reqscope._pool import PoolConfig, PoolStats, build_engine
 from reqscope._registry import FactoryMetrics, SessionRecord, SessionTags
 from reqscope._sessions import (
     IsolatedSessionFactory,
-    ReqscopeSession,
     configure,
     get_default_factory,
     isolated_session,
-    mark_session_as_global,
-    session_tags,
-    validate_session_is_request_scoped,
 )
 from reqscope.exceptions import (
     AgentCreationError,

@@ -20,8 +20,9 @@ import anyio.lowlevel
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, update
 
 from reqscope._context import UserExecutionContext
+from reqscope._enforcement import session_tags
 from reqscope._pool import PoolConfig
-from reqscope._sessions import IsolatedSessionFactory, session_tags
+from reqscope._sessions import IsolatedSessionFactory
 
 __all__ = ["CheckReport", "run_check"]
 

@@ -11,14 +11,12 @@ connection to invalidate.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import logging
 import shutil
 import tempfile
 import traceback
-import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
@@ -26,14 +24,24 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
-from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.util import greenlet_spawn
 from typing_extensions import Self
 
 from reqscope._breaker import CircuitBreaker, is_connection_failure
 from reqscope._context import UserExecutionContext, _current, current_context, new_id
+from reqscope._enforcement import (
+    _PID_KEY,
+    ReqscopeSession,
+    _close,
+    _connection_entries,
+    _invalidate,
+    _on_before_execute,
+    _on_handle_error,
+    _remember_backend_pid,
+    _restore_context,
+    _task_name,
+)
 from reqscope._leaks import LeakDetector
 from reqscope._pool import PoolConfig, PoolStats, build_engine, pool_stats, refuse_memory_sqlite
 from reqscope._registry import (
@@ -42,26 +50,18 @@ from reqscope._registry import (
     FactoryMetrics,
     SessionRecord,
     SessionRegistry,
-    SessionTags,
 )
 from reqscope.exceptions import (
-    DatabaseBusyError,
     DatabaseUnavailableError,
     IsolationViolation,
     PoolExhaustedError,
     ReqscopeError,
-    SessionReclaimedError,
-    SessionScopeError,
     TenancyConfigurationError,
 )
 from reqscope.tenancy import (
     TenancyReport,
     TenantPolicy,
-    add_tenant_criteria,
-    entry_tenant,
-    guard_flush,
     inspect_tenancy,
-    set_tenant_setting,
     tenant_tables,
 )
 
@@ -75,215 +75,13 @@ __all__ = [
     "configure",
     "get_default_factory",
     "isolated_session",
-    "mark_session_as_global",
-    "session_tags",
-    "validate_session_is_request_scoped",
 ]
 
 logger = logging.getLogger("reqscope")
 
 DEFAULT_CLEANUP_TIMEOUT: Final = 5.0
-_TAG_KEYS: Final = (
-    "user_id",
-    "request_id",
-    "thread_id",
-    "run_id",
-    "session_id",
-    "created_at",
-    "is_request_scoped",
-    "factory_managed",
-)
 
 # Sync Connection -> the entry of the session bound to it (sessions carry their own entry).
-_connection_entries: weakref.WeakKeyDictionary[Connection, Entry] = weakref.WeakKeyDictionary()
-
-
-def _lookup(session: Session) -> Entry | None:
-    return getattr(session, "_reqscope_entry", None)
-
-
-class ReqscopeSession(Session):
-    """The sync ``Session`` class behind every factory-made ``AsyncSession``.
-
-    It exists so that reqscope's enforcement listeners apply to reqscope's sessions only.
-    ``connection()`` is checked here because no session event fires before it hands out
-    a connection.
-    """
-
-    _reqscope_entry: Entry | None = None
-
-    def connection(self, *args: Any, **kwargs: Any) -> Connection:
-        entry = _lookup(self)
-        if entry is not None and entry.state is not EntryState.ACTIVE:
-            _enforce(entry, "connection")
-        return super().connection(*args, **kwargs)
-
-
-def _enforce(entry: Entry, operation: str) -> None:
-    """Refuse ``operation`` on ``entry``'s session unless it is legal here and now."""
-    if entry.state is EntryState.ACTIVE and not entry.global_:
-        factory: IsolatedSessionFactory = entry.owner
-        if not factory.enforce_owner:
-            return
-        current = _current.get()
-        if current is None or current.user_id == entry.ctx.user_id:
-            return
-        factory._registry.isolation_violations += 1  # noqa: SLF001 - the factory's own counter
-        owner = entry.ctx
-        logger.error(
-            "reqscope: isolation violation: %s on session %s of user %r (request %s) "
-            "while user %r (request %s) is current",
-            operation,
-            entry.session_id,
-            owner.user_id,
-            owner.request_id,
-            current.user_id,
-            current.request_id,
-            extra={
-                **entry.log_fields(),
-                "current_user_id": current.user_id,
-                "current_request_id": current.request_id,
-            },
-        )
-        raise IsolationViolation(
-            f"{operation}: session {entry.session_id} belongs to user {owner.user_id!r} "
-            f"(request {owner.request_id}) but user {current.user_id!r} (request "
-            f"{current.request_id}) is current; open a session for this user with "
-            "factory.session(ctx) instead of passing sessions between requests"
-        )
-    factory = entry.owner
-    factory._registry.scope_violations += 1  # noqa: SLF001
-    ctx = entry.ctx
-    if entry.state is EntryState.RECLAIMED:
-        message = (
-            f"{operation}: session {entry.session_id} of user {ctx.user_id!r} (request "
-            f"{ctx.request_id}) was reclaimed by the leak detector after being held past its "
-            f"{entry.lifetime:.1f} s lifetime; open a new session, and pass max_lifetime= to "
-            "factory.session() for work that is meant to take longer"
-        )
-        error: SessionScopeError = SessionReclaimedError(message)
-    elif entry.global_:
-        error = SessionScopeError(
-            f"{operation}: session {entry.session_id} is marked global; request code must "
-            "use its own session from factory.session(ctx)"
-        )
-    else:
-        error = SessionScopeError(
-            f"{operation}: session {entry.session_id} of user {ctx.user_id!r} (request "
-            f"{ctx.request_id}) is used after its `async with factory.session()` block "
-            "ended; do not keep sessions on objects, globals or caches: open a new one in "
-            "each request"
-        )
-    logger.error("reqscope: %s", error, extra=entry.log_fields())
-    raise error
-
-
-@event.listens_for(ReqscopeSession, "do_orm_execute")
-def _on_orm_execute(state: ORMExecuteState) -> None:
-    entry = _lookup(state.session)
-    if entry is not None:
-        _enforce(entry, "execute")
-        tenant = entry_tenant(entry)
-        if tenant is not None:
-            add_tenant_criteria(state, *tenant)
-
-
-@event.listens_for(ReqscopeSession, "before_flush")
-def _on_flush(session: Session, _flush_context: object, _instances: object) -> None:
-    entry = _lookup(session)
-    if entry is not None:
-        _enforce(entry, "flush")
-        tenant = entry_tenant(entry)
-        if tenant is not None:
-            guard_flush(session, *tenant)
-
-
-@event.listens_for(ReqscopeSession, "after_begin")
-def _on_begin(session: Session, _transaction: SessionTransaction, connection: Connection) -> None:
-    entry = _lookup(session)
-    if entry is not None and connection.dialect.name == "postgresql":
-        tenant = entry_tenant(entry)
-        if tenant is not None and tenant[0].rls:
-            set_tenant_setting(connection, *tenant)
-
-
-@event.listens_for(ReqscopeSession, "after_transaction_create")
-def _on_transaction(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.parent is None:
-        entry = _lookup(session)
-        if entry is not None and entry.state is not EntryState.ACTIVE:
-            _enforce(entry, "begin")
-
-
-def _on_before_execute(conn: Connection, *_args: object) -> None:
-    entry = _connection_entries.get(conn)
-    if entry is not None:
-        _enforce(entry, "execute")
-
-
-def _on_handle_error(context: Any) -> BaseException | None:
-    original = context.original_exception
-    if "database is locked" in str(original) and context.dialect.name == "sqlite":
-        return DatabaseBusyError(
-            "SQLite reported 'database is locked': another transaction held the write lock "
-            "past the busy timeout; keep write transactions short, retry, or use a server "
-            "database for concurrent writers"
-        )
-    return None
-
-
-_PID_KEY: Final = "reqscope.backend_pid"
-
-
-def _remember_backend_pid(_dbapi_connection: object, record: Any) -> None:
-    """``connect`` listener: note the PostgreSQL backend pid of each new connection.
-
-    Read once per physical connection (no I/O), so that a cancelled statement can still be
-    cancelled server-side after the driver has closed its end.
-    """
-    driver = record.driver_connection
-    get_pid = getattr(driver, "get_server_pid", None)  # asyncpg
-    pid = (
-        get_pid()
-        if get_pid is not None
-        else getattr(getattr(driver, "info", None), "backend_pid", None)
-    )
-    if pid:
-        record.info[_PID_KEY] = int(pid)
-
-
-def _task_name() -> str | None:
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:
-        return None
-    return None if task is None else task.get_name()
-
-
-def _close(session: Session, conn: Connection | None) -> None:
-    # Rolls back what was not committed and returns the connection, in one greenlet
-    # (AsyncSession.close() and AsyncConnection.close() would take one each).
-    session.close()
-    if conn is not None:
-        conn.close()
-
-
-def _restore_context(token: Any, previous: UserExecutionContext | None) -> None:
-    try:
-        _current.reset(token)
-    except ValueError:  # exited in another contextvars.Context than it was entered
-        _current.set(previous)
-
-
-def _invalidate(conn: AsyncConnection | None) -> None:
-    """Drop ``conn`` from the pool for good, without I/O (frees the slot)."""
-    if conn is None:
-        return
-    sync = conn.sync_connection
-    if sync is not None and not sync.closed and not sync.invalidated:
-        sync.invalidate()
-    if sync is not None:
-        _connection_entries.pop(sync, None)
 
 
 class _SessionScope:
@@ -882,62 +680,6 @@ class IsolatedSessionFactory:
         from reqscope._health import check_health  # noqa: PLC0415 - keeps imports acyclic
 
         return await check_health(self, timeout)
-
-
-def _entry_of(session: AsyncSession | Session) -> Entry | None:
-    sync = session.sync_session if isinstance(session, AsyncSession) else session
-    return _lookup(sync)
-
-
-def session_tags(session: AsyncSession | Session) -> SessionTags:
-    """Return who owns a factory-managed session.
-
-    Raises:
-        SessionScopeError: the session was not made by an ``IsolatedSessionFactory``.
-    """
-    info = session.info
-    if not info.get("factory_managed"):
-        raise SessionScopeError(
-            "this session was not created by an IsolatedSessionFactory, so it has no owner "
-            "tags; open it with factory.session(ctx)"
-        )
-    return SessionTags(**{key: info[key] for key in _TAG_KEYS})
-
-
-def validate_session_is_request_scoped(
-    session: AsyncSession | Session, operation: str = ""
-) -> None:
-    """Raise unless ``session`` is factory-managed, inside its block, and not global.
-
-    Raises:
-        SessionScopeError: naming ``operation`` and what is wrong.
-    """
-    where = f"{operation}: " if operation else ""
-    entry = _entry_of(session)
-    if entry is None:
-        raise SessionScopeError(
-            f"{where}this session is not managed by an IsolatedSessionFactory (a global or "
-            "hand-made session?); use `async with factory.session(ctx) as session`"
-        )
-    if entry.global_:
-        raise SessionScopeError(f"{where}session {entry.session_id} is marked global")
-    if entry.state is EntryState.RECLAIMED:
-        raise SessionReclaimedError(
-            f"{where}session {entry.session_id} was reclaimed by the leak detector; open a new one"
-        )
-    if entry.state is not EntryState.ACTIVE:
-        raise SessionScopeError(
-            f"{where}session {entry.session_id} is used after its request scope ended; "
-            "open a new one per request"
-        )
-
-
-def mark_session_as_global(session: AsyncSession | Session) -> None:
-    """Mark a session as global (legacy code under test): every later use is refused."""
-    session.info["is_request_scoped"] = False
-    entry = _entry_of(session)
-    if entry is not None:
-        entry.global_ = True
 
 
 _default: IsolatedSessionFactory | None = None
