@@ -77,3 +77,25 @@ def test_console_entry_point_and_module() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
+
+
+def test_check_removes_its_table(tmp_path) -> None:
+    from sqlalchemy import create_engine, inspect
+
+    path = tmp_path / "own.db"
+    assert main(["check", "--database-url", f"sqlite+aiosqlite:///{path}", "--requests", "20"]) == 0
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        assert inspect(engine).get_table_names() == []  # created and dropped again
+    finally:
+        engine.dispose()
+
+
+def test_progress_bar(capsys) -> None:
+    from reqscope.__main__ import _progress
+
+    _progress(5, 10)
+    _progress(10, 10)
+    err = capsys.readouterr().err
+    assert "[###############...............] 5/10" in err
+    assert err.endswith("] 10/10\n")
