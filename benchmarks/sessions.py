@@ -206,7 +206,7 @@ def leak_pass_cost() -> float:
     registry = SessionRegistry()
     for i in range(10_000):
         ctx = UserExecutionContext.create(f"user-{i % 100}")
-        registry.add(Entry(f"s{i}", ctx, None, ctx.created_at, 3600.0, None, None))  # type: ignore[arg-type]
+        registry.add(Entry(f"s{i}", ctx, ctx.created_at, 3600.0, None, None))
     detector = LeakDetector(registry, lambda _e, _d: None, _noop, reclaim_leaks=True)
     samples = []
     for _ in range(9):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
     from reqscope._breaker import CircuitState
     from reqscope._context import UserExecutionContext
@@ -115,7 +115,6 @@ class Entry:
         "opened_at",
         "opened_mono",
         "owner",
-        "session",
         "session_id",
         "stack",
         "state",
@@ -126,7 +125,6 @@ class Entry:
         self,
         session_id: str,
         ctx: UserExecutionContext,
-        session: AsyncSession,
         opened_at: dt.datetime,
         lifetime: float,
         task_name: str | None,
@@ -134,7 +132,6 @@ class Entry:
     ) -> None:
         self.session_id = session_id
         self.ctx = ctx
-        self.session = session
         self.opened_at = opened_at
         self.opened_mono = time.monotonic()
         self.lifetime = lifetime

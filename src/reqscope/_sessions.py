@@ -531,7 +531,6 @@ class IsolatedSessionFactory:
         entry = Entry(
             session_id,
             ctx,
-            session,
             opened_at,
             self.max_session_lifetime if lifetime is None else float(lifetime),
             _task_name(),

@@ -197,7 +197,6 @@ async def test_random_cancellation_mid_query_leaves_nothing_behind(postgres, adm
         assert all(state != "idle in transaction" for _, state in left), left
         assert all(state != "active" for _, state in left), left
     await engine.dispose()
-    assert await backends(admin, tag) == [] or True  # disposal is asynchronous on the server
 
 
 PG_CTL = shutil.which("pg_ctlcluster")
