@@ -114,8 +114,8 @@ async def test_refused_connections_open_the_circuit(driver, alice) -> None:
     async with IsolatedSessionFactory(url, circuit_breaker=breaker) as factory:
         for _ in range(3):
             with pytest.raises(DatabaseUnavailableError, match="cannot connect") as info:
-                async with factory.session(alice):
-                    pass
+                async with factory.session(alice) as session:  # connects on first use
+                    await session.execute(text("SELECT 1"))
             assert isinstance(info.value, ConnectionError)
             assert "check that it is running" in str(info.value)
         assert breaker.state is CircuitState.OPEN
@@ -148,8 +148,8 @@ async def test_a_silent_listener_fails_within_the_connect_timeout(driver, alice)
             started = time.perf_counter()
             for _ in range(2):
                 with anyio.fail_after(10), pytest.raises(DatabaseUnavailableError):
-                    async with factory.session(alice):
-                        pass
+                    async with factory.session(alice) as session:
+                        await session.execute(text("SELECT 1"))
             assert time.perf_counter() - started < 8
             assert breaker.state is CircuitState.OPEN
             with pytest.raises(CircuitOpenError):
@@ -173,3 +173,22 @@ async def test_application_errors_never_open_the_circuit(factory, alice) -> None
             async with factory.session(alice):
                 raise ValueError("mine")
     assert breaker.state is CircuitState.CLOSED
+
+
+@pytest.mark.anyio
+async def test_a_probe_session_decides_the_half_open_circuit_only_by_reaching_the_database(
+    database, alice
+) -> None:
+    breaker = CircuitBreaker(failure_threshold=1, recovery_timeout=0.05)
+    async with IsolatedSessionFactory(database.url, circuit_breaker=breaker) as factory:
+        breaker.record_failure()
+        await anyio.sleep(0.06)
+        assert breaker.state is CircuitState.HALF_OPEN
+        async with factory.session(alice):  # the probe, but it never runs a statement
+            with pytest.raises(CircuitOpenError):  # one probe at a time
+                async with factory.session(alice):
+                    pass
+        assert breaker.state is CircuitState.HALF_OPEN  # no verdict, and the slot is free
+        async with factory.session(alice) as session:  # the next probe reaches the database
+            await session.execute(text("SELECT 1"))
+            assert breaker.state is CircuitState.CLOSED

@@ -4,7 +4,7 @@ import traceback
 
 import pytest
 from hypothesis import Phase, given, settings
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from reqscope import ContextValidationError, IsolatedSessionFactory, UserExecutionContext
 from reqscope.testing import IsolationMachine, assert_no_leaks, assert_no_violations
@@ -38,7 +38,8 @@ def test_metadata_is_accepted(data) -> None:
 async def test_assertions_report_what_is_open(factory) -> None:
     assert_no_leaks(factory)
     assert_no_violations(factory)
-    async with factory.session(UserExecutionContext.create("alice")):
+    async with factory.session(UserExecutionContext.create("alice")) as session:
+        await session.execute(text("SELECT 1"))  # a session checks out on first use
         with pytest.raises(AssertionError, match=r"session \w+ of user 'alice'") as info:
             assert_no_leaks(factory)
         assert "checked out" in str(info.value)

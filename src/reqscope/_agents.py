@@ -24,7 +24,8 @@ from reqscope.exceptions import (
 )
 
 if TYPE_CHECKING:
-    from reqscope._sessions import IsolatedSessionFactory, _SessionScope
+    from reqscope._scope import SessionScope
+    from reqscope._sessions import IsolatedSessionFactory
 
 __all__ = [
     "AgentInstanceFactory",
@@ -175,12 +176,12 @@ class SessionProvider:
                 "belong to one request: create one per request with scope.create()"
             )
 
-    def __call__(self, *, max_lifetime: float | None = None) -> _SessionScope:
+    def __call__(self, *, max_lifetime: float | None = None) -> SessionScope:
         """Open a session for the agent's request (rolled back unless committed)."""
         self._check()
         return self._factory.session(self._ctx, max_lifetime=max_lifetime)
 
-    def begin(self, *, max_lifetime: float | None = None) -> _SessionScope:
+    def begin(self, *, max_lifetime: float | None = None) -> SessionScope:
         """Open a session for the agent's request that commits on success."""
         self._check()
         return self._factory.begin(self._ctx, max_lifetime=max_lifetime)

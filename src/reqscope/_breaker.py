@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from sqlalchemy import exc as sa_exc
 
-from reqscope.exceptions import CircuitOpenError, PoolExhaustedError
+from reqscope.exceptions import CircuitOpenError, DatabaseUnavailableError, PoolExhaustedError
 
 __all__ = ["CircuitBreaker", "CircuitState", "is_connection_failure"]
 
@@ -40,7 +40,7 @@ def is_connection_failure(error: BaseException, *, connecting: bool = False) -> 
     those count too. Inside a request they may be the application's own (an HTTP call
     timing out), so there only errors SQLAlchemy marks as disconnects count.
     """
-    if isinstance(error, (PoolExhaustedError, sa_exc.TimeoutError)):
+    if isinstance(error, (PoolExhaustedError, DatabaseUnavailableError, sa_exc.TimeoutError)):
         return True
     if isinstance(error, sa_exc.DBAPIError):
         if error.connection_invalidated:

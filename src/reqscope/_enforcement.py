@@ -1,24 +1,34 @@
-"""Enforcement: reqscope's Session subclass, its event hooks, and session validation.
+"""Enforcement: reqscope's Session subclass, its checks, and session validation.
 
-Enforcement uses SQLAlchemy's own events, never a proxy: the session a user gets is a real
-``AsyncSession``. ``do_orm_execute``, ``before_flush`` and ``after_transaction_create`` on
-:class:`ReqscopeSession` catch ORM use; ``before_execute`` on the factory's engine catches
-Core use through ``session.connection()``.
+Enforcement never wraps the session in a proxy: the session a user gets is a real
+``AsyncSession``, whose sync ``Session`` is a :class:`ReqscopeSession`. Every statement a
+session sends (``execute``, ``scalars``, ``scalar``, ``get``, ``stream``, lazy loads,
+refreshes) goes through ``Session._execute_internal``, which ReqscopeSession checks before
+SQLAlchemy does anything else; ``before_flush`` refuses a flush before it writes; and a
+connection handed out by ``session.connection()`` gets a ``before_execute`` listener of its
+own, so Core use through it is checked too.
+
+Engine-wide listeners are deliberately avoided on the statement path: a ``before_execute``
+listener on the engine makes SQLAlchemy build per-connection event dispatchers for every
+checkout, which costs a plain session on the same engine about a tenth of its CPU
+(``benchmarks/sessions.py``). Likewise ``do_orm_execute`` makes SQLAlchemy build an
+``ORMExecuteState`` for every statement, so only sessions of a factory with a tenant policy
+listen to it (:func:`tenant_session_class`), to add the tenant filter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import weakref
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
-from reqscope._context import UserExecutionContext, _current
+from reqscope._context import _current
 from reqscope._registry import Entry, EntryState, SessionTags
 from reqscope.exceptions import (
     DatabaseBusyError,
@@ -26,7 +36,7 @@ from reqscope.exceptions import (
     SessionReclaimedError,
     SessionScopeError,
 )
-from reqscope.tenancy import add_tenant_criteria, entry_tenant, guard_flush, set_tenant_setting
+from reqscope.tenancy import add_tenant_criteria, guard_flush, set_tenant_setting
 
 if TYPE_CHECKING:
     from reqscope._sessions import IsolatedSessionFactory
@@ -51,7 +61,7 @@ _TAG_KEYS: Final = (
     "factory_managed",
 )
 
-_connection_entries: weakref.WeakKeyDictionary[Connection, Entry] = weakref.WeakKeyDictionary()
+_ACTIVE: Final = EntryState.ACTIVE
 
 
 def _lookup(session: Session) -> Entry | None:
@@ -61,18 +71,57 @@ def _lookup(session: Session) -> Entry | None:
 class ReqscopeSession(Session):
     """The sync ``Session`` class behind every factory-made ``AsyncSession``.
 
-    It exists so that reqscope's enforcement listeners apply to reqscope's sessions only.
-    ``connection()`` is checked here because no session event fires before it hands out
-    a connection.
+    It exists so that reqscope's checks apply to reqscope's sessions only: every statement
+    is checked in ``_execute_internal``, and a connection handed out by ``connection()`` is
+    checked on each of its own executions.
     """
 
     _reqscope_entry: Entry | None = None
 
     def connection(self, *args: Any, **kwargs: Any) -> Connection:
-        entry = _lookup(self)
-        if entry is not None and entry.state is not EntryState.ACTIVE:
-            _enforce(entry, "connection")
-        return super().connection(*args, **kwargs)
+        entry = self._reqscope_entry
+        if entry is None:
+            return super().connection(*args, **kwargs)
+        _check(entry, "connection")
+        conn = super().connection(*args, **kwargs)
+        guard = entry.connection_guard
+        if guard is None:
+            guard = entry.connection_guard = functools.partial(_guard_connection, entry)
+        if not event.contains(conn, "before_execute", guard):
+            event.listen(conn, "before_execute", guard)
+        return conn
+
+    if hasattr(Session, "_execute_internal"):
+
+        def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
+            entry = self._reqscope_entry
+            if entry is not None:
+                _check(entry, "execute")
+            return super()._execute_internal(*args, **kwargs)
+
+
+if not hasattr(Session, "_execute_internal"):  # pragma: no cover - a future SQLAlchemy
+
+    @event.listens_for(ReqscopeSession, "do_orm_execute")
+    def _check_orm_execute(state: ORMExecuteState) -> None:
+        entry: Entry | None = state.session._reqscope_entry  # type: ignore[attr-defined]  # noqa: SLF001
+        if entry is not None:
+            _check(entry, "execute")
+
+
+def _guard_connection(entry: Entry, _conn: Connection, *_args: object) -> None:
+    """``before_execute`` of a connection handed out by ``session.connection()``."""
+    _check(entry, "execute")
+
+
+def _check(entry: Entry, operation: str) -> None:
+    """Pass when a live session is used by its own request; else :func:`_enforce`.
+
+    The fast path (the current context is the scope's own, or none) runs on every
+    statement, so it is one expression.
+    """
+    if entry.state is not _ACTIVE or entry.global_ or _current.get() not in (entry.ctx, None):
+        _enforce(entry, operation)
 
 
 def _enforce(entry: Entry, operation: str) -> None:
@@ -134,47 +183,53 @@ def _enforce(entry: Entry, operation: str) -> None:
     raise error
 
 
-@event.listens_for(ReqscopeSession, "do_orm_execute")
-def _on_orm_execute(state: ORMExecuteState) -> None:
-    entry = _lookup(state.session)
-    if entry is not None:
-        _enforce(entry, "execute")
-        tenant = entry_tenant(entry)
-        if tenant is not None:
-            add_tenant_criteria(state, *tenant)
-
-
 @event.listens_for(ReqscopeSession, "before_flush")
 def _on_flush(session: Session, _flush_context: object, _instances: object) -> None:
-    entry = _lookup(session)
+    entry: Entry | None = session._reqscope_entry  # type: ignore[attr-defined]  # noqa: SLF001
     if entry is not None:
-        _enforce(entry, "flush")
-        tenant = entry_tenant(entry)
-        if tenant is not None:
-            guard_flush(session, *tenant)
+        _check(entry, "flush")
+        if entry.tenant is not None:
+            guard_flush(session, *entry.tenant)
 
 
 @event.listens_for(ReqscopeSession, "after_begin")
 def _on_begin(session: Session, _transaction: SessionTransaction, connection: Connection) -> None:
-    entry = _lookup(session)
-    if entry is not None and connection.dialect.name == "postgresql":
-        tenant = entry_tenant(entry)
-        if tenant is not None and tenant[0].rls:
-            set_tenant_setting(connection, *tenant)
+    # The session got a connection from the pool: the database answers. Remember the
+    # connection (the leak detector invalidates it on reclaim) and, for a tenant policy with
+    # row-level security, make the tenant setting the transaction's first statement.
+    entry: Entry | None = session._reqscope_entry  # type: ignore[attr-defined]  # noqa: SLF001
+    if entry is None:
+        return
+    if entry.connection is None:  # its first connection (kept until the scope ends)
+        entry.owner.circuit_breaker.record_success()
+    entry.connection = connection
+    tenant = entry.tenant
+    if tenant is not None and tenant[0].rls and connection.dialect.name == "postgresql":
+        set_tenant_setting(connection, *tenant)
 
 
-@event.listens_for(ReqscopeSession, "after_transaction_create")
-def _on_transaction(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.parent is None:
-        entry = _lookup(session)
-        if entry is not None and entry.state is not EntryState.ACTIVE:
-            _enforce(entry, "begin")
+class _TenantSession(ReqscopeSession):
+    """Adds the tenant filter to every ORM statement (``do_orm_execute``)."""
 
 
-def _on_before_execute(conn: Connection, *_args: object) -> None:
-    entry = _connection_entries.get(conn)
-    if entry is not None:
-        _enforce(entry, "execute")
+@event.listens_for(_TenantSession, "do_orm_execute")
+def _on_orm_execute(state: ORMExecuteState) -> None:
+    entry: Entry | None = state.session._reqscope_entry  # type: ignore[attr-defined]  # noqa: SLF001
+    if entry is not None and entry.tenant is not None:
+        add_tenant_criteria(state, *entry.tenant)
+
+
+_tenant_classes: dict[type[ReqscopeSession], type[ReqscopeSession]] = {
+    ReqscopeSession: _TenantSession
+}
+
+
+def tenant_session_class(base: type[ReqscopeSession]) -> type[ReqscopeSession]:
+    """``base`` with the tenant hooks added (one class per base, made once)."""
+    cls = _tenant_classes.get(base)
+    if cls is None:
+        cls = _tenant_classes[base] = type(f"Tenant{base.__name__}", (_TenantSession, base), {})
+    return cls
 
 
 def _on_handle_error(context: Any) -> BaseException | None:
@@ -216,30 +271,10 @@ def _task_name() -> str | None:
     return None if task is None else task.get_name()
 
 
-def _close(session: Session, conn: Connection | None) -> None:
-    # Rolls back what was not committed and returns the connection, in one greenlet
-    # (AsyncSession.close() and AsyncConnection.close() would take one each).
-    session.close()
-    if conn is not None:
-        conn.close()
-
-
-def _restore_context(token: Any, previous: UserExecutionContext | None) -> None:
-    try:
-        _current.reset(token)
-    except ValueError:  # exited in another contextvars.Context than it was entered
-        _current.set(previous)
-
-
-def _invalidate(conn: AsyncConnection | None) -> None:
+def _invalidate(conn: Connection) -> None:
     """Drop ``conn`` from the pool for good, without I/O (frees the slot)."""
-    if conn is None:
-        return
-    sync = conn.sync_connection
-    if sync is not None and not sync.closed and not sync.invalidated:
-        sync.invalidate()
-    if sync is not None:
-        _connection_entries.pop(sync, None)
+    if not conn.closed and not conn.invalidated:
+        conn.invalidate()
 
 
 def _entry_of(session: AsyncSession | Session) -> Entry | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
@@ -11,6 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import Pool
 
 from reqscope.exceptions import ReqscopeError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 __all__ = ["PoolConfig", "PoolStats", "build_engine", "pool_stats"]
 
@@ -144,10 +149,22 @@ def _connect_args(url: URL, timeout: float) -> dict[str, Any]:
     if driver in {"psycopg", "psycopg_async"}:
         return {"connect_timeout": max(1, round(timeout))}
     if driver in {"asyncmy", "aiomysql"}:
-        return {"connect_timeout": timeout}
+        # Their connect_timeout covers the TCP connect, not the handshake with a server
+        # that accepts and never answers: bound the whole connect.
+        return {"connect_timeout": timeout, "async_creator_fn": _bounded_connect(driver, timeout)}
     if driver == "aiosqlite":
         return {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
     return {}
+
+
+def _bounded_connect(driver: str, timeout: float) -> Callable[..., Awaitable[Any]]:
+    """The driver's ``connect`` (through SQLAlchemy's ``async_creator_fn``), time-bounded."""
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        module = importlib.import_module(driver)
+        return await asyncio.wait_for(module.connect(*args, **kwargs), timeout)
+
+    return connect
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -12,16 +12,17 @@ import datetime as dt
 import enum
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncConnection
+    from sqlalchemy.engine import Connection
 
     from reqscope._breaker import CircuitState
     from reqscope._context import UserExecutionContext
     from reqscope._pool import PoolStats
+    from reqscope.tenancy import TenantPolicy
 
 __all__ = ["FactoryMetrics", "SessionRecord", "SessionRegistry", "SessionTags"]
 
@@ -106,7 +107,8 @@ class Entry:
     __slots__ = (
         "__weakref__",
         "bypass_tenant",
-        "connections",
+        "connection",
+        "connection_guard",
         "ctx",
         "deadline",
         "global_",
@@ -119,6 +121,7 @@ class Entry:
         "stack",
         "state",
         "task_name",
+        "tenant",
     )
 
     def __init__(  # noqa: PLR0917 - internal, built in one place
@@ -141,9 +144,15 @@ class Entry:
         self.state = EntryState.ACTIVE
         self.global_ = False
         self.leak_reported = False
-        self.connections: list[AsyncConnection] = []
+        # The connection of the session's latest transaction (set in after_begin; None
+        # until the session first gets one).
+        self.connection: Connection | None = None
+        # before_execute listener put on that connection once session.connection() hands it out
+        self.connection_guard: Callable[..., None] | None = None
         self.owner: Any = None  # the IsolatedSessionFactory that opened it
         self.bypass_tenant = False
+        # (policy, user id) this session is confined to; None without a policy or in bypass.
+        self.tenant: tuple[TenantPolicy, str] | None = None
 
     def age(self, now: float | None = None) -> float:
         """Seconds since the session was opened."""
@@ -181,6 +190,7 @@ class SessionRegistry:
     """Open sessions by lifetime bucket, plus reported-but-unreclaimed leaks, plus counters."""
 
     __slots__ = (
+        "_active",
         "_buckets",
         "_reported",
         "cleanup_failures",
@@ -197,6 +207,7 @@ class SessionRegistry:
     def __init__(self) -> None:
         self._buckets: dict[float, OrderedDict[str, Entry]] = {}
         self._reported: dict[str, Entry] = {}
+        self._active = 0
         self.sessions_opened = 0
         self.sessions_closed = 0
         self.sessions_failed = 0
@@ -208,7 +219,7 @@ class SessionRegistry:
         self.peak_active = 0
 
     def __len__(self) -> int:
-        return sum(len(bucket) for bucket in self._buckets.values()) + len(self._reported)
+        return self._active
 
     def add(self, entry: Entry) -> None:
         """Register a newly opened session."""
@@ -217,17 +228,19 @@ class SessionRegistry:
             bucket = self._buckets[entry.lifetime] = OrderedDict()
         bucket[entry.session_id] = entry
         self.sessions_opened += 1
-        active = len(self)
+        active = self._active = self._active + 1
         self.peak_active = max(self.peak_active, active)
 
     def discard(self, entry: Entry) -> None:
         """Forget a session (closed or reclaimed); a no-op when already gone."""
         bucket = self._buckets.get(entry.lifetime)
         if bucket is not None and bucket.pop(entry.session_id, None) is not None:
-            if not bucket and entry.lifetime in self._buckets and len(self._buckets) > 1:
+            self._active -= 1
+            if not bucket and len(self._buckets) > 1:
                 del self._buckets[entry.lifetime]
             return
-        self._reported.pop(entry.session_id, None)
+        if self._reported.pop(entry.session_id, None) is not None:
+            self._active -= 1
 
     def pop_expired(self, now: float) -> Iterator[Entry]:
         """Yield and unlink entries whose deadline passed, oldest first, per bucket."""
@@ -237,11 +250,14 @@ class SessionRegistry:
                 if entry.deadline > now:
                     break
                 bucket.popitem(last=False)
+                self._active -= 1
                 yield entry
 
     def keep_reported(self, entry: Entry) -> None:
         """Keep a reported, unreclaimed leak as active without scanning it again."""
-        self._reported[entry.session_id] = entry
+        if entry.session_id not in self._reported:
+            self._reported[entry.session_id] = entry
+            self._active += 1
 
     def entries(self) -> Iterator[Entry]:
         """Every open session, oldest first within each bucket."""

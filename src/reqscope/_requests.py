@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
     from reqscope._agents import AgentInstanceFactory, AgentScope
     from reqscope._events import EventHub
-    from reqscope._sessions import IsolatedSessionFactory, _SessionScope
+    from reqscope._scope import SessionScope
+    from reqscope._sessions import IsolatedSessionFactory
 
 __all__ = [
     "ANONYMOUS",
@@ -141,7 +142,7 @@ class RequestResources:
         self.agent_factory = agents
         self.hub = hub
         self.closed = False
-        self._session_scope: _SessionScope | None = None
+        self._session_scope: SessionScope | None = None
         self._session: AsyncSession | None = None
         self._agent_scope: AgentScope | None = None
 

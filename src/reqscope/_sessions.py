@@ -1,22 +1,17 @@
 """IsolatedSessionFactory: one new AsyncSession per request scope, enforced and reclaimed.
 
-Enforcement uses SQLAlchemy's own events, never a proxy: the session a user gets is a real
-``AsyncSession``. ``do_orm_execute``, ``before_flush`` and ``after_transaction_create`` on the
-factory's ``Session`` subclass catch ORM use; ``before_execute`` on the engine catches Core use
-through ``session.connection()``. Each scope checks a connection out of the pool when it
-opens (so pool exhaustion and outages surface there, as reqscope errors the circuit breaker
-sees) and binds its session to it, which also tells the leak detector exactly which
-connection to invalidate.
+The factory owns the engine's event listeners, the registry of open sessions, the leak
+detector, the circuit breaker and the observation API. One request's scope
+(open, tag, register, clean up) lives in :mod:`reqscope._scope`; the enforcement hooks in
+:mod:`reqscope._enforcement`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
 import shutil
 import tempfile
-import traceback
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
@@ -24,23 +19,18 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.util import greenlet_spawn
 from typing_extensions import Self
 
 from reqscope._breaker import CircuitBreaker, is_connection_failure
-from reqscope._context import UserExecutionContext, _current, current_context, new_id
 from reqscope._enforcement import (
     _PID_KEY,
     ReqscopeSession,
-    _close,
-    _connection_entries,
     _invalidate,
-    _on_before_execute,
     _on_handle_error,
     _remember_backend_pid,
-    _restore_context,
-    _task_name,
+    tenant_session_class,
 )
 from reqscope._leaks import LeakDetector
 from reqscope._pool import PoolConfig, PoolStats, build_engine, pool_stats, refuse_memory_sqlite
@@ -51,6 +41,7 @@ from reqscope._registry import (
     SessionRecord,
     SessionRegistry,
 )
+from reqscope._scope import CleanupWatchdog, SessionScope
 from reqscope.exceptions import (
     DatabaseUnavailableError,
     IsolationViolation,
@@ -68,6 +59,9 @@ from reqscope.tenancy import (
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from sqlalchemy.engine import Connection
+
+    from reqscope._context import UserExecutionContext
     from reqscope._health import HealthReport
 
 __all__ = [
@@ -80,155 +74,6 @@ __all__ = [
 logger = logging.getLogger("reqscope")
 
 DEFAULT_CLEANUP_TIMEOUT: Final = 5.0
-
-# Sync Connection -> the entry of the session bound to it (sessions carry their own entry).
-
-
-class _SessionScope:
-    """``async with factory.session(ctx)`` / ``factory.begin(ctx)``."""
-
-    __slots__ = (
-        "_begin",
-        "_bypass",
-        "_conn",
-        "_ctx",
-        "_entry",
-        "_factory",
-        "_lifetime",
-        "_previous",
-        "_probe",
-        "_session",
-        "_token",
-    )
-
-    def __init__(
-        self,
-        factory: IsolatedSessionFactory,
-        ctx: UserExecutionContext | None,
-        lifetime: float | None,
-        *,
-        begin: bool,
-        bypass_tenant: bool = False,
-    ) -> None:
-        if ctx is not None and not isinstance(ctx, UserExecutionContext):
-            raise TypeError(
-                f"factory.session() takes a UserExecutionContext, got {type(ctx).__name__}"
-            )
-        if lifetime is not None and lifetime <= 0:
-            raise ValueError(f"max_lifetime must be positive seconds, got {lifetime!r}")
-        self._factory = factory
-        self._ctx = ctx
-        self._lifetime = lifetime
-        self._begin = begin
-        self._bypass = bypass_tenant
-        self._session: AsyncSession | None = None
-
-    async def __aenter__(self) -> AsyncSession:
-        if self._session is not None:
-            raise RuntimeError("this session scope is already open; call factory.session() again")
-        factory = self._factory
-        factory._check_open()  # noqa: SLF001
-        ctx = self._ctx if self._ctx is not None else current_context()
-        if self._bypass:
-            factory._authorize_bypass(ctx)  # noqa: SLF001
-        self._probe = factory.circuit_breaker.before_call()
-        try:
-            if factory._has_idle_connection():  # noqa: SLF001
-                conn = await factory.engine.connect()
-            else:  # may connect or wait: bound it (anyio scopes cost ~10 µs, so only here)
-                with anyio.fail_after(factory.acquire_timeout):
-                    conn = await factory.engine.connect()
-        except BaseException as exc:
-            factory._registry.sessions_failed += 1  # noqa: SLF001
-            if not factory.circuit_breaker.observe(exc, connecting=True) and self._probe:
-                factory.circuit_breaker.release_probe()
-            translated = factory._translate(exc, connecting=True)  # noqa: SLF001
-            if translated is exc:
-                raise
-            raise translated from exc
-        factory.circuit_breaker.record_success()
-        self._conn = conn
-        session = factory._new_session(conn)  # noqa: SLF001
-        entry = factory._register(session, ctx, self._lifetime)  # noqa: SLF001
-        entry.bypass_tenant = self._bypass
-        _connection_entries[conn.sync_connection] = entry  # type: ignore[index]
-        entry.connections.append(conn)
-        self._entry = entry
-        self._session = session
-        self._previous = _current.get()
-        self._token = _current.set(ctx)
-        return session
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        factory = self._factory
-        session = self._session
-        assert session is not None  # noqa: S101 - __aenter__ ran
-        error = exc
-        try:
-            if self._begin and error is None:
-                try:
-                    await session.commit()
-                except Exception as commit_error:
-                    # SQLAlchemy rolled the transaction back: the connection is reusable.
-                    error = commit_error
-                    raise
-                except BaseException as commit_error:
-                    # Interrupted mid-commit: the outcome is unknown, so never report
-                    # success, and never trust the connection again.
-                    error = commit_error
-                    await factory._invalidate_gracefully(self._conn)  # noqa: SLF001
-                    raise
-        finally:
-            await self._release(error)
-            _restore_context(self._token, self._previous)
-        if error is not None:
-            translated = factory._translate(error)  # noqa: SLF001
-            if translated is not error:
-                raise translated from error
-        return False
-
-    async def _release(self, error: BaseException | None) -> None:
-        factory = self._factory
-        entry = self._entry
-        session = self._session
-        conn = self._conn
-        assert session is not None  # noqa: S101
-        reclaimed = entry.state is EntryState.RECLAIMED
-        if not reclaimed:
-            clean = False
-            deadline = anyio.current_time() + factory.cleanup_timeout
-            with anyio.CancelScope(shield=True, deadline=deadline):
-                try:
-                    await greenlet_spawn(_close, session.sync_session, conn.sync_connection)
-                    clean = True
-                except Exception:
-                    factory._registry.cleanup_failures += 1  # noqa: SLF001
-                    logger.exception(
-                        "reqscope: closing session %s failed; invalidating its connection",
-                        entry.session_id,
-                        extra=entry.log_fields(),
-                    )
-            if not clean:
-                await factory._invalidate_gracefully(conn)  # noqa: SLF001
-        else:
-            await factory._invalidate_gracefully(conn)  # noqa: SLF001
-        entry.state = EntryState.CLOSED if not reclaimed else EntryState.RECLAIMED
-        if conn.sync_connection is not None:
-            _connection_entries.pop(conn.sync_connection, None)
-        entry.connections.clear()
-        registry = factory._registry  # noqa: SLF001
-        registry.discard(entry)
-        registry.sessions_closed += 1
-        if error is not None:
-            registry.sessions_failed += 1
-            if not factory.circuit_breaker.observe(error) and self._probe:
-                factory.circuit_breaker.release_probe()
-        LeakDetector.log_late_close(entry)
 
 
 class IsolatedSessionFactory:
@@ -301,11 +146,6 @@ class IsolatedSessionFactory:
         self.enforce_owner = enforce_owner
         self.cleanup_timeout = cleanup_timeout
         self.tenant = tenant
-        pool_timeout = getattr(self.engine.pool, "_timeout", 30.0)
-        connect_timeout = (pool or PoolConfig()).connect_timeout
-        # A safety net over the driver's own connect timeout (asyncmy's does not cover the
-        # handshake with a server that accepts and never answers).
-        self.acquire_timeout = float(pool_timeout) + connect_timeout
         self.circuit_breaker = circuit_breaker or CircuitBreaker()
         kwargs = {"expire_on_commit": False, **(session_kwargs or {})}
         sync_class = kwargs.pop("sync_session_class", ReqscopeSession)
@@ -315,9 +155,12 @@ class IsolatedSessionFactory:
                 "reqscope.ReqscopeSession so enforcement applies to it"
             )
         self._session_class: type[AsyncSession] = kwargs.pop("class_", AsyncSession)
+        if tenant is not None:
+            sync_class = tenant_session_class(sync_class)
         self._session_kwargs = {**kwargs, "sync_session_class": sync_class}
         self._registry = SessionRegistry()
-        self._pending_invalidation: list[AsyncConnection] = []
+        self._pending_invalidation: list[Connection] = []
+        self._cleanup_watchdog = CleanupWatchdog()
         self.leak_detector = LeakDetector(
             self._registry,
             self._reclaim,
@@ -328,8 +171,8 @@ class IsolatedSessionFactory:
         self._stack: contextlib.AsyncExitStack | None = None
         self._health_engine: AsyncEngine | None = None
         self._control_engine: AsyncEngine | None = None
-        event.listen(self.engine.sync_engine, "before_execute", _on_before_execute)
         event.listen(self.engine.sync_engine, "handle_error", _on_handle_error)
+        event.listen(self.engine.sync_engine, "do_connect", self._connect)
         if self.engine.dialect.name == "postgresql":
             event.listen(self.engine.sync_engine, "connect", _remember_backend_pid)
             event.listen(self.engine.sync_engine, "handle_error", self._stop_cancelled_statement)
@@ -379,8 +222,8 @@ class IsolatedSessionFactory:
             for extra in (self._health_engine, self._control_engine):
                 if extra is not None:
                     await extra.dispose()
-            event.remove(self.engine.sync_engine, "before_execute", _on_before_execute)
             event.remove(self.engine.sync_engine, "handle_error", _on_handle_error)
+            event.remove(self.engine.sync_engine, "do_connect", self._connect)
             if self.engine.dialect.name == "postgresql":
                 event.remove(
                     self.engine.sync_engine, "handle_error", self._stop_cancelled_statement
@@ -423,7 +266,7 @@ class IsolatedSessionFactory:
         *,
         max_lifetime: float | None = None,
         bypass_tenant: bool = False,
-    ) -> _SessionScope:
+    ) -> SessionScope:
         """Open a new session for one request; uncommitted work rolls back on exit.
 
         Args:
@@ -444,7 +287,7 @@ class IsolatedSessionFactory:
             PoolExhaustedError: no connection came free within ``pool_timeout``.
             IsolationViolation: ``bypass_tenant`` for a context not marked admin.
         """
-        return _SessionScope(self, ctx, max_lifetime, begin=False, bypass_tenant=bypass_tenant)
+        return SessionScope(self, ctx, max_lifetime, begin=False, bypass_tenant=bypass_tenant)
 
     def begin(
         self,
@@ -452,9 +295,9 @@ class IsolatedSessionFactory:
         *,
         max_lifetime: float | None = None,
         bypass_tenant: bool = False,
-    ) -> _SessionScope:
+    ) -> SessionScope:
         """Like :meth:`session`, but commit on success (and roll back on error)."""
-        return _SessionScope(self, ctx, max_lifetime, begin=True, bypass_tenant=bypass_tenant)
+        return SessionScope(self, ctx, max_lifetime, begin=True, bypass_tenant=bypass_tenant)
 
     def _authorize_bypass(self, ctx: UserExecutionContext) -> None:
         policy = self.tenant
@@ -511,39 +354,33 @@ class IsolatedSessionFactory:
             )
         return report
 
-    def _new_session(self, conn: AsyncConnection) -> AsyncSession:
-        return self._session_class(bind=conn, **self._session_kwargs)
+    def _new_session(self) -> AsyncSession:
+        return self._session_class(bind=self.engine, **self._session_kwargs)
 
-    def _register(
-        self, session: AsyncSession, ctx: UserExecutionContext, lifetime: float | None
-    ) -> Entry:
-        session_id = new_id()
-        opened_at = dt.datetime.now(dt.timezone.utc)
-        info = session.info
-        info["user_id"] = ctx.user_id
-        info["request_id"] = ctx.request_id
-        info["thread_id"] = ctx.thread_id
-        info["run_id"] = ctx.run_id
-        info["session_id"] = session_id
-        info["created_at"] = opened_at
-        info["is_request_scoped"] = True
-        info["factory_managed"] = True
-        entry = Entry(
-            session_id,
-            ctx,
-            opened_at,
-            self.max_session_lifetime if lifetime is None else float(lifetime),
-            _task_name(),
-            "".join(traceback.format_stack(limit=26)[:-2]) if self.capture_stacks else None,
-        )
-        entry.owner = self
-        session.sync_session._reqscope_entry = entry  # type: ignore[attr-defined]  # noqa: SLF001 - our Session subclass
-        self._registry.add(entry)
-        return entry
+    def _connect(self, dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        """``do_connect`` hook: a failed connect becomes :class:`DatabaseUnavailableError`.
 
-    def _has_idle_connection(self) -> bool:
-        checkedin = getattr(self.engine.pool, "checkedin", None)
-        return checkedin is not None and checkedin() > 0
+        Drivers report an outage as a raw ``OSError``/``TimeoutError``, which inside a request
+        could also be the application's own; raised here, it can only be the database's, so
+        the circuit breaker counts it and the user gets an error that says what to check.
+        """
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except Exception as error:
+            if isinstance(error, ReqscopeError) or not (
+                isinstance(error, dialect.loaded_dbapi.Error)
+                or is_connection_failure(error, connecting=True)
+            ):
+                raise
+            url = self.engine.url.render_as_string(hide_password=True)
+            raise DatabaseUnavailableError(
+                f"cannot connect to the database at {url}: {type(error).__name__}: {error}".rstrip(
+                    ": "
+                )
+                + "; check that it is running and reachable (after "
+                f"{self.circuit_breaker.failure_threshold} consecutive failures the "
+                "circuit opens and requests fail fast)"
+            ) from error
 
     def _reclaim(self, entry: Entry, defer: bool) -> None:
         # Synchronous: the leak detector's scan() must not await. Invalidation frees the
@@ -551,42 +388,32 @@ class IsolatedSessionFactory:
         # ``defer`` (async callers), _drain_invalidations does it through SQLAlchemy's
         # graceful async path instead of the drivers' synchronous force-close.
         entry.state = EntryState.RECLAIMED
-        for conn in entry.connections:
+        conn = entry.connection
+        if conn is not None:
             if self.engine.dialect.has_terminate and not defer:
                 _invalidate(conn)
             else:  # the driver can only close from async code: finish in _drain
                 self._pending_invalidation.append(conn)
         self._registry.discard(entry)
 
-    async def _invalidate_gracefully(self, conn: AsyncConnection) -> None:
-        sync = conn.sync_connection
-        if sync is None or sync.closed or sync.invalidated:
+    async def _invalidate_gracefully(self, conn: Connection | None) -> None:
+        if conn is None:  # the session never got a connection
             return
-        with (
-            anyio.CancelScope(shield=True),
-            anyio.move_on_after(self.cleanup_timeout),
-            contextlib.suppress(Exception),
-        ):
-            await conn.invalidate()
-        _invalidate(conn)  # still valid only if the graceful path timed out or failed
+        if not conn.closed and not conn.invalidated:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(self.cleanup_timeout),
+                contextlib.suppress(Exception),
+            ):
+                await greenlet_spawn(conn.invalidate)
+        _invalidate(conn)  # a no-op unless the graceful path timed out or failed
 
     async def _drain_invalidations(self) -> None:
         pending, self._pending_invalidation = self._pending_invalidation, []
         for conn in pending:
             await self._invalidate_gracefully(conn)
 
-    def _translate(self, error: BaseException, *, connecting: bool = False) -> BaseException:
-        if connecting and not isinstance(error, (sa_exc.TimeoutError, ReqscopeError)):
-            if is_connection_failure(error, connecting=True):
-                url = self.engine.url.render_as_string(hide_password=True)
-                return DatabaseUnavailableError(
-                    f"cannot connect to the database at {url}: {type(error).__name__}: "
-                    f"{error}".rstrip(": ")
-                    + "; check that it is running and reachable (after "
-                    f"{self.circuit_breaker.failure_threshold} consecutive failures the "
-                    "circuit opens and requests fail fast)"
-                )
-            return error
+    def _translate(self, error: BaseException) -> BaseException:
         if isinstance(error, sa_exc.TimeoutError) and not isinstance(error, PoolExhaustedError):
             stats = self.pool_stats()
             timeout = getattr(self.engine.pool, "_timeout", None)
@@ -712,6 +539,6 @@ def get_default_factory() -> IsolatedSessionFactory:
 
 def isolated_session(
     ctx: UserExecutionContext | None = None, *, max_lifetime: float | None = None
-) -> _SessionScope:
+) -> SessionScope:
     """``get_default_factory().session(ctx)``."""
     return get_default_factory().session(ctx, max_lifetime=max_lifetime)

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.orm import ORMExecuteState
 
-    from reqscope._registry import Entry
 
 __all__ = [
     "TableStatus",
@@ -308,11 +307,3 @@ async def inspect_tenancy(engine: AsyncEngine, tables: tuple[str, ...]) -> Tenan
     return TenancyReport(
         role, bool(superuser), bool(bypass), tuple(statuses), tuple(problems), tuple(warnings)
     )
-
-
-def entry_tenant(entry: Entry) -> tuple[TenantPolicy, str] | None:
-    """The policy and user a session is confined to, or ``None`` (no policy, or bypass)."""
-    policy: TenantPolicy | None = entry.owner.tenant
-    if policy is None or entry.bypass_tenant:
-        return None
-    return policy, entry.ctx.user_id

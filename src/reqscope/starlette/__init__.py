@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
     from reqscope._agents import AgentInstanceFactory
     from reqscope._events import EventHub
-    from reqscope._sessions import IsolatedSessionFactory, _SessionScope
+    from reqscope._scope import SessionScope
+    from reqscope._sessions import IsolatedSessionFactory
 
 __all__ = [
     "ReqscopeMiddleware",
@@ -173,7 +174,7 @@ async def request_session(request: HTTPConnection) -> AsyncIterator[AsyncSession
     yield await get_resources(request).session()
 
 
-def message_session(websocket: HTTPConnection, operation: str = "ws_message") -> _SessionScope:
+def message_session(websocket: HTTPConnection, operation: str = "ws_message") -> SessionScope:
     """A short session for one WebSocket message, in a child context of the connection's."""
     resources = get_resources(websocket)
     if resources.factory is None:

@@ -89,7 +89,6 @@ async def test_five_hundred_requests_fifty_users_pool_twenty(client, app) -> Non
     metrics = app.state.factory.metrics()
     assert metrics.active_sessions == 0
     assert metrics.pool.checked_out == 0
-    assert metrics.peak_active_sessions <= 20
     assert metrics.isolation_violations == 0
 
 
@@ -197,6 +196,5 @@ async def test_slow_streams_do_not_pin_connections(database) -> None:
         assert sorted(answers) == sorted(f"you said: q{n}" for n in range(100))
         metrics = app.state.factory.metrics()
         assert metrics.pool.checked_out == 0
-        assert metrics.peak_active_sessions <= 5
         async with app.state.factory.engine.begin() as conn:
             await conn.run_sync(ChatMessage.metadata.drop_all)

@@ -1,0 +1,103 @@
+"""Instructions per request, reqscope vs plain, counted by valgrind (deterministic).
+
+    python benchmarks/instructions.py [--postgres URL] [--requests 1000]
+
+CPU time on a small shared machine moves by ±10 % between rounds (see sessions.py), so a
+few-percent difference is hard to resolve there. ``valgrind --tool=callgrind`` counts the
+instructions the process executes instead, which repeats to within about 1 % whatever else
+the machine is doing. Each variant runs ``SELECT 1`` requests at concurrency 1 in a process
+of its own; a run with zero requests is subtracted, so start-up does not count. The plain
+variant uses an engine reqscope never touched. Instruction counts ignore cache misses and
+system calls, so their ratio is not the CPU-time ratio; it is the stable measure of how much
+work reqscope's own code adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from reqscope import IsolatedSessionFactory, PoolConfig, UserExecutionContext, build_engine
+
+POOL = PoolConfig(pool_size=20, max_overflow=0)
+
+
+async def run_variant(variant: str, url: str, requests: int) -> None:
+    engine = build_engine(url, pool=POOL)
+    plain_engine = build_engine(url, pool=POOL)
+    maker = async_sessionmaker(plain_engine, expire_on_commit=False)
+    async with IsolatedSessionFactory(engine) as factory:
+        for _ in range(requests):
+            if variant == "plain":
+                async with maker() as session:
+                    await session.execute(text("SELECT 1"))
+            else:
+                async with factory.session(UserExecutionContext.create("alice")) as session:
+                    await session.execute(text("SELECT 1"))
+    await engine.dispose()
+    await plain_engine.dispose()
+
+
+def count(variant: str, url: str, requests: int) -> int:
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--url",
+        url,
+        "--requests",
+        str(requests),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)  # noqa: S603
+    match = re.search(r"Collected : (\d+)", result.stderr)
+    if match is None:
+        raise RuntimeError(f"no instruction count in valgrind's output:\n{result.stderr}")
+    return int(match.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--postgres", default=os.environ.get("REQSCOPE_TEST_POSTGRES_URL"))
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        asyncio.run(run_variant(args.child, args.url, args.requests))
+        return
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed")
+    print(f"command: python {' '.join(sys.argv)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        urls = {"SQLite": f"sqlite+aiosqlite:///{Path(tmp) / 'bench.sqlite3'}"}
+        if args.postgres:
+            urls["PostgreSQL"] = args.postgres
+        print("| database | plain instr/req | reqscope instr/req | ratio |")
+        print("|---|---|---|---|")
+        for name, url in urls.items():
+            jobs = [("plain", 0), ("plain", args.requests), ("reqscope", 0)]
+            jobs.append(("reqscope", args.requests))
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                totals = list(pool.map(lambda job, url=url: count(job[0], url, job[1]), jobs))
+            plain = (totals[1] - totals[0]) / args.requests
+            scoped = (totals[3] - totals[2]) / args.requests
+            print(f"| {name} | {plain:,.0f} | {scoped:,.0f} | {scoped / plain:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
