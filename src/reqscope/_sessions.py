@@ -221,7 +221,7 @@ class IsolatedSessionFactory:
         with anyio.CancelScope(shield=True):
             for extra in (self._health_engine, self._control_engine):
                 if extra is not None:
-                    await extra.dispose()
+                    await self._dispose(extra)
             event.remove(self.engine.sync_engine, "handle_error", _on_handle_error)
             event.remove(self.engine.sync_engine, "do_connect", self._connect)
             if self.engine.dialect.name == "postgresql":
@@ -230,9 +230,22 @@ class IsolatedSessionFactory:
                 )
                 event.remove(self.engine.sync_engine, "connect", _remember_backend_pid)
             if self.owns_engine:
-                await self.engine.dispose()
+                await self._dispose(self.engine)
         if self._tempdir is not None:
             shutil.rmtree(self._tempdir, ignore_errors=True)
+
+    async def _dispose(self, engine: AsyncEngine) -> None:
+        # A server that stopped answering would hold a graceful close forever: bound it.
+        # What is left unclosed is the driver's to drop when the process moves on.
+        with anyio.move_on_after(self.cleanup_timeout) as scope:
+            await engine.dispose()
+        if scope.cancelled_caught:
+            logger.warning(
+                "reqscope: closing the connections of %s took longer than cleanup_timeout=%s s;"
+                " abandoning them",
+                engine.url.render_as_string(hide_password=True),
+                self.cleanup_timeout,
+            )
 
     async def __aenter__(self) -> Self:
         await self.start()

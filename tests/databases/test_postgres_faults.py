@@ -249,3 +249,65 @@ async def test_outage_and_recovery_without_restarting_the_app(postgres) -> None:
                     await anyio.sleep(0.2)
         assert breaker.state is CircuitState.CLOSED
         assert (await factory.health()).status == "ok"
+
+
+class _FreezingProxy:
+    """A TCP proxy in front of PostgreSQL that can stop forwarding without closing.
+
+    Frozen, it looks like a server that stopped answering (a partition, a stopped VM):
+    sockets stay open and nothing comes back.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.frozen = False
+        self.server: asyncio.base_events.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        self.writers += [writer, upstream_writer]
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                if not self.frozen:
+                    sink.write(data)
+
+        await asyncio.gather(
+            pump(reader, upstream_writer), pump(upstream_reader, writer), return_exceptions=True
+        )
+
+    async def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_closing_the_factory_is_bounded_when_the_server_stops_answering(caplog) -> None:
+    # asyncpg's graceful close waits for the server to hang up after Terminate, without a
+    # timeout of its own: a server that stopped answering held factory.aclose() forever.
+    from sqlalchemy.engine import make_url
+
+    from conftest import server_url
+
+    url = make_url(server_url("postgres-asyncpg"))
+    proxy = _FreezingProxy(url.host or "127.0.0.1", url.port or 5432)
+    port = await proxy.start()
+    try:
+        factory = IsolatedSessionFactory(url.set(port=port), cleanup_timeout=0.5)
+        async with factory:
+            async with factory.session(UserExecutionContext.create("alice")) as session:
+                await session.execute(text("SELECT 1"))
+            assert factory.pool_stats().checked_in == 1  # type: ignore[union-attr]
+            proxy.frozen = True
+            started = anyio.current_time()
+        assert anyio.current_time() - started < 5  # not asyncpg's unbounded wait
+        assert factory.closed
+        assert any("abandoning them" in r.getMessage() for r in caplog.records)
+    finally:
+        await proxy.close()
