@@ -442,3 +442,35 @@ async def _tables_factory(database) -> AsyncIterator[IsolatedSessionFactory]:
         await create_tables(factory.engine)
         yield factory
         await drop_tables(factory.engine)
+
+
+async def test_a_cancelled_sqlite_statement_leaves_no_close_that_never_ends(tmp_path, alice):
+    # A statement cancelled while SQLite busy-waits for another writer: SQLAlchemy starts
+    # a graceful aiosqlite close in a task of its own, then (cancelled again) force-stops
+    # the worker thread. aiosqlite's close() then queued a second stop on the dead thread
+    # and awaited it forever, so the event loop could never shut down (asyncio.run hangs).
+    import sqlite3
+
+    path = tmp_path / "busy.sqlite3"
+    async with IsolatedSessionFactory(f"sqlite+aiosqlite:///{path}") as factory:
+        async with factory.begin(alice) as session:
+            await session.execute(text("CREATE TABLE t (x INTEGER)"))
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # hold the write lock
+        try:
+            with anyio.move_on_after(0.3) as scope:
+                async with factory.session(alice) as session:
+                    await session.execute(text("INSERT INTO t VALUES (1)"))
+            assert scope.cancelled_caught
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert_clean(factory)
+
+    def closing() -> list[asyncio.Task[object]]:
+        return [t for t in asyncio.all_tasks() if "graceful_close" in repr(t.get_coro())]
+
+    with anyio.move_on_after(5):
+        while closing():
+            await anyio.sleep(0.05)
+    assert closing() == []

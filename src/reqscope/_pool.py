@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -153,8 +154,50 @@ def _connect_args(url: URL, timeout: float) -> dict[str, Any]:
         # that accepts and never answers: bound the whole connect.
         return {"connect_timeout": timeout, "async_creator_fn": _bounded_connect(driver, timeout)}
     if driver == "aiosqlite":
-        return {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        stop_once = _aiosqlite_stop_once()
+        if stop_once is not None:
+            args["async_creator_fn"] = stop_once
+        return args
     return {}
+
+
+@functools.cache
+def _aiosqlite_stop_once() -> Callable[..., Any] | None:
+    """``aiosqlite.connect`` whose connections tell their worker thread to stop only once.
+
+    When a statement is cancelled while SQLite busy-waits, SQLAlchemy starts a graceful
+    ``close()`` in a task of its own and, cancelled again, force-stops the worker thread.
+    aiosqlite's ``close()`` then queues a second stop on the exited thread and awaits it
+    forever: a task that never ends, and an event loop that cannot shut down. Here a
+    second ``stop()`` returns nothing to wait for.
+    """
+    try:
+        import sqlite3  # noqa: PLC0415 - some Python builds lack it
+
+        import aiosqlite  # noqa: PLC0415 - an optional extra
+    except ImportError:
+        return None
+    if not hasattr(aiosqlite.Connection, "stop"):  # before 0.22: no force-stop, no race
+        return None
+
+    class StopOnceConnection(aiosqlite.Connection):
+        def stop(self) -> asyncio.Future[Any] | None:
+            if not self._running:  # a stop is already queued; the thread ends after it
+                return None
+            return super().stop()
+
+    def connect(database: Any, *, iter_chunk_size: int = 64, **kwargs: Any) -> Any:
+        location = database.decode() if isinstance(database, bytes) else str(database)
+        connection = StopOnceConnection(
+            functools.partial(sqlite3.connect, location, **kwargs), iter_chunk_size
+        )
+        thread = getattr(connection, "_thread", None)
+        if thread is not None:  # as SQLAlchemy does: never keep the process alive
+            thread.daemon = True
+        return connection
+
+    return connect
 
 
 def _bounded_connect(driver: str, timeout: float) -> Callable[..., Awaitable[Any]]:
