@@ -30,7 +30,10 @@ def auth(user: str) -> dict[str, str]:
 
 @pytest.fixture(name="app")
 async def _app(database) -> AsyncIterator:
-    app = create_app(database.url, pool=PoolConfig(pool_size=20, max_overflow=0, pool_timeout=30))
+    # SQLite has one writer and an unfair, sleeping busy handler: with 20 connections a
+    # writer can starve past the busy timeout on a slow machine (test_sessions.py says more).
+    size = 4 if database.name == "sqlite" else 20
+    app = create_app(database.url, pool=PoolConfig(pool_size=size, max_overflow=0, pool_timeout=30))
     async with app.router.lifespan_context(app):
         yield app
         factory = app.state.factory
