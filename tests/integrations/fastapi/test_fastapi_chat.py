@@ -51,7 +51,7 @@ async def _client(app) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def test_auth_request_id_and_monitoring(client) -> None:
+async def test_auth_request_id_and_monitoring(client, database) -> None:
     missing = await client.get("/messages")
     assert missing.status_code == 401
     assert "allow_anonymous" in missing.json()["detail"]
@@ -66,7 +66,7 @@ async def test_auth_request_id_and_monitoring(client) -> None:
     assert health.status_code == 200
     assert health.json()["status"] == "ok"
     pool = await client.get("/reqscope/pool", headers=auth("ops"))
-    assert pool.json()["pool"]["capacity"] == 20
+    assert pool.json()["pool"]["capacity"] == (4 if database.name == "sqlite" else 20)
     sessions = await client.get("/reqscope/sessions", headers=auth("ops"))
     assert sessions.json() == []
 
