@@ -1,15 +1,17 @@
 """Instructions per request, reqscope vs plain, counted by valgrind (deterministic).
 
-    python benchmarks/instructions.py [--postgres URL] [--requests 1000]
+    python benchmarks/instructions.py [--postgres URL] [--requests 1000] [--workload tenant]
 
 CPU time on a small shared machine moves by ±10 % between rounds (see sessions.py), so a
 few-percent difference is hard to resolve there. ``valgrind --tool=callgrind`` counts the
 instructions the process executes instead, which repeats to within about 1 % whatever else
-the machine is doing. Each variant runs ``SELECT 1`` requests at concurrency 1 in a process
-of its own; a run with zero requests is subtracted, so start-up does not count. The plain
-variant uses an engine reqscope never touched. Instruction counts ignore cache misses and
-system calls, so their ratio is not the CPU-time ratio; it is the stable measure of how much
-work reqscope's own code adds.
+the machine is doing. Each variant runs ``SELECT 1`` requests (``--workload tenant``: an ORM
+select of five rows of a tenant-scoped model, the plain session filtering by hand, reqscope
+through a ``TenantPolicy(rls=False)``) at concurrency 1 in a process of its own; a run with
+zero requests is subtracted, so start-up does not count. The plain variant uses an engine
+reqscope never touched. Instruction counts ignore cache misses and system calls, so their
+ratio is not the CPU-time ratio; it is the stable measure of how much work reqscope's own
+code adds.
 """
 
 from __future__ import annotations
@@ -25,31 +27,69 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sqlalchemy import text
+from sqlalchemy import Integer, String, func, insert, select, text
 from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from reqscope import IsolatedSessionFactory, PoolConfig, UserExecutionContext, build_engine
+from reqscope import (
+    IsolatedSessionFactory,
+    PoolConfig,
+    TenantPolicy,
+    TenantScoped,
+    UserExecutionContext,
+    build_engine,
+)
 
 POOL = PoolConfig(pool_size=20, max_overflow=0)
 
 
-async def run_variant(variant: str, url: str, requests: int) -> None:
+class Base(DeclarativeBase):
+    pass
+
+
+class TenantRow(TenantScoped, Base):
+    __tablename__ = "reqscope_instr_tenant_rows"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    body: Mapped[str] = mapped_column(String(64))
+
+
+async def prepare(url: str) -> None:
+    """The tenant table with 1,000 rows of 100 users (made once, before the variants run)."""
+    engine = build_engine(url, pool=POOL)
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+        if not (await conn.scalar(select(func.count()).select_from(TenantRow))):
+            rows = [{"user_id": f"user-{i % 100}", "body": "x"} for i in range(1000)]
+            await conn.execute(insert(TenantRow), rows)
+    await engine.dispose()
+
+
+async def run_variant(variant: str, url: str, requests: int, workload: str) -> None:
     engine = build_engine(url, pool=POOL)
     plain_engine = build_engine(url, pool=POOL)
     maker = async_sessionmaker(plain_engine, expire_on_commit=False)
-    async with IsolatedSessionFactory(engine) as factory:
-        for _ in range(requests):
+    tenant = TenantPolicy(rls=False) if workload == "tenant" else None
+    async with IsolatedSessionFactory(engine, tenant=tenant) as factory:
+        for n in range(requests):
+            user = f"user-{n % 100}"
             if variant == "plain":
                 async with maker() as session:
-                    await session.execute(text("SELECT 1"))
+                    if tenant is None:
+                        await session.execute(text("SELECT 1"))
+                    else:
+                        query = select(TenantRow).where(TenantRow.user_id == user).limit(5)
+                        (await session.scalars(query)).all()
             else:
-                async with factory.session(UserExecutionContext.create("alice")) as session:
-                    await session.execute(text("SELECT 1"))
+                async with factory.session(UserExecutionContext.create(user)) as session:
+                    if tenant is None:
+                        await session.execute(text("SELECT 1"))
+                    else:  # the policy adds the filter
+                        (await session.scalars(select(TenantRow).limit(5))).all()
     await engine.dispose()
     await plain_engine.dispose()
 
 
-def count(variant: str, url: str, requests: int) -> int:
+def count(variant: str, url: str, requests: int, workload: str) -> int:
     command = [
         "valgrind",
         "--tool=callgrind",
@@ -62,6 +102,8 @@ def count(variant: str, url: str, requests: int) -> int:
         url,
         "--requests",
         str(requests),
+        "--workload",
+        workload,
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)  # noqa: S603
     match = re.search(r"Collected : (\d+)", result.stderr)
@@ -74,11 +116,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--postgres", default=os.environ.get("REQSCOPE_TEST_POSTGRES_URL"))
     parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--workload", choices=["select1", "tenant"], default="select1")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        asyncio.run(run_variant(args.child, args.url, args.requests))
+        asyncio.run(run_variant(args.child, args.url, args.requests, args.workload))
         return
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed")
@@ -90,10 +133,14 @@ def main() -> None:
         print("| database | plain instr/req | reqscope instr/req | ratio |")
         print("|---|---|---|---|")
         for name, url in urls.items():
+            if args.workload == "tenant":
+                asyncio.run(prepare(url))
             jobs = [("plain", 0), ("plain", args.requests), ("reqscope", 0)]
             jobs.append(("reqscope", args.requests))
             with ThreadPoolExecutor(max_workers=2) as pool:
-                totals = list(pool.map(lambda job, url=url: count(job[0], url, job[1]), jobs))
+                totals = list(
+                    pool.map(lambda job, url=url: count(job[0], url, job[1], args.workload), jobs)
+                )
             plain = (totals[1] - totals[0]) / args.requests
             scoped = (totals[3] - totals[2]) / args.requests
             print(f"| {name} | {plain:,.0f} | {scoped:,.0f} | {scoped / plain:.3f} |", flush=True)
