@@ -214,3 +214,53 @@ def test_policy_validation() -> None:
         TenantPolicy(guc="user_id")
     with pytest.raises(ValueError, match="identifier"):
         TenantPolicy(column="user id")
+
+
+async def test_every_kind_of_orm_load_sees_only_own_rows(tenant_factory) -> None:
+    # The criteria reach lazy, deferred-column, refresh and aliased loads too, each with
+    # the user's value (the criteria take it as a bound parameter).
+    from sqlalchemy.orm import aliased, defer
+
+    factory = tenant_factory
+    (alice_doc,) = await seed(factory, "alice", ["a"])
+    (bob_doc,) = await seed(factory, "bob", ["b"])
+    async with factory.begin(UserExecutionContext.create("bob")) as session:
+        session.add(Comment(doc_id=alice_doc, body="bob was here"))
+    alice = UserExecutionContext.create("alice")
+    async with factory.begin(alice) as session:
+        session.add(Comment(doc_id=alice_doc, body="mine"))
+    async with factory.session(alice) as session:
+        doc = (await session.scalars(select(Doc).options(defer(Doc.title)))).one()
+        assert await session.run_sync(lambda _: doc.title) == "a"  # a deferred column load
+        comments = await session.run_sync(lambda _: doc.comments)  # a lazy load
+        assert [c.body for c in comments] == ["mine"]
+        await session.refresh(doc, ["title", "comments"])
+        assert (doc.title, len(doc.comments)) == ("a", 1)
+        other = aliased(Doc)
+        rows = (await session.execute(select(Doc.id, other.id).join(other, other.id > 0))).all()
+        assert rows == [(alice_doc, alice_doc)]
+        # ORM bulk UPDATE by primary key (executemany): bob's row is not touched.
+        await session.execute(
+            update(Doc),
+            [{"id": alice_doc, "title": "a2"}, {"id": bob_doc, "title": "stolen"}],
+        )
+        await session.commit()
+    async with factory.session(UserExecutionContext.create("bob")) as session:
+        assert (await session.get(Doc, bob_doc)).title == "b"
+    async with factory.session(alice) as session:
+        assert (await session.get(Doc, alice_doc)).title == "a2"
+
+
+async def test_orm_bulk_insert_stamps_own_rows_and_refuses_foreign_ones(tenant_factory) -> None:
+    from sqlalchemy import insert
+
+    factory = tenant_factory
+    alice = UserExecutionContext.create("alice")
+    async with factory.begin(alice) as session:
+        await session.execute(insert(Doc), [{"title": "one"}, {"title": "two"}])
+    with pytest.raises(IsolationViolation, match=r"own user's rows"):
+        async with factory.begin(alice) as session:
+            await session.execute(insert(Doc), [{"title": "x"}, {"title": "y", "user_id": "bob"}])
+    async with factory.session(UserExecutionContext.create("auditor")) as session:
+        raw = await session.execute(text("SELECT title, user_id FROM reqscope_tenant_docs"))
+        assert sorted(raw.all()) == [("one", "alice"), ("two", "alice")]

@@ -18,20 +18,22 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
-from sqlalchemy import String, inspect, text
+from sqlalchemy import String, bindparam, inspect, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Mapped, Session, mapped_column, with_loader_criteria
 
 from reqscope.exceptions import IsolationViolation, TenancyConfigurationError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.orm import ORMExecuteState
+    from sqlalchemy.sql import Update
 
 
 __all__ = [
@@ -88,33 +90,89 @@ def _scoped(entity: Any) -> bool:
     return isinstance(entity, type) and issubclass(entity, TenantScoped)
 
 
+TENANT_PARAMETER: Final = "reqscope_tenant_user_id"
+
+
 @functools.lru_cache(maxsize=32)
-def _criteria_factory(column: str) -> Callable[[str], Callable[[Any], Any]]:
-    # SQLAlchemy analyses the criteria lambda and tracks its closure variables as bound
-    # parameters (so user_id is never baked into cached SQL). Only user_id may be a closure
-    # variable: the column name is written into the lambda's code (it is a validated
-    # identifier, see TenantPolicy).
-    namespace: dict[str, Any] = {}
-    source = f"def make(user_id):\n    return lambda cls: cls.{column} == user_id\n"
+def _tenant_criteria(column: str) -> Any:
+    """The loader-criteria option for ``column``: made once, the user a bound parameter.
+
+    The criteria compare the column with a *required* bound parameter instead of capturing
+    the user in a closure: one constant option per column, so SQLAlchemy neither analyses a
+    new lambda nor builds a new cache key per statement, and a statement that somehow runs
+    without the parameter fails instead of returning rows. ``add_tenant_criteria`` supplies
+    the value to every ORM execution of a tenant session, relationship and column loads
+    included (the option propagates to them).
+    """
+    namespace: dict[str, Any] = {"bindparam": bindparam}
+    # The column and parameter names are written into the lambda's code (the column is a
+    # validated identifier, see TenantPolicy): SQLAlchemy caches a criteria lambda by its
+    # code, and would turn a name it reads from a variable into a tracked parameter.
+    source = (
+        f"criteria = lambda cls: cls.{column} == bindparam({TENANT_PARAMETER!r}, required=True)\n"
+    )
     exec(compile(source, f"<reqscope tenant criteria {column}>", "exec"), namespace)  # noqa: S102
-    make: Callable[[str], Callable[[Any], Any]] = namespace["make"]
-    return make
+    return with_loader_criteria(TenantScoped, namespace["criteria"], include_aliases=True)
 
 
 def add_tenant_criteria(state: ORMExecuteState, policy: TenantPolicy, user_id: str) -> None:
     """``do_orm_execute``: restrict ORM statements on tenant-scoped models to ``user_id``."""
-    if state.is_column_load or state.is_relationship_load:
-        return  # the criteria propagate to these loads from the statement that started them
+    if state.is_insert:
+        _guard_bulk_insert(state, policy, user_id)
+        return
     if not (state.is_select or state.is_update or state.is_delete):
         return
-    state.statement = state.statement.options(
-        with_loader_criteria(
-            TenantScoped,
-            _criteria_factory(policy.column)(user_id),
-            include_aliases=True,
-            track_closure_variables=True,
-        )
+    if not (state.is_column_load or state.is_relationship_load):
+        # Loads started by a statement carry its criteria already.
+        statement = state.statement.options(_tenant_criteria(policy.column))
+        if isinstance(state.parameters, list) and state.is_update and _targets_tenant(state):
+            # ORM bulk UPDATE by primary key ignores loader criteria: add the tenant to its
+            # WHERE clause. SQLAlchemy cannot synchronize the identity map for such an
+            # update, so objects already loaded keep their old values until refreshed.
+            column = getattr(state.bind_mapper.class_, policy.column)  # type: ignore[union-attr]
+            update = cast("Update", statement)
+            statement = update.where(
+                column == bindparam(TENANT_PARAMETER, required=True)
+            ).execution_options(synchronize_session=None)
+        state.statement = statement
+    state.parameters = _with_tenant(state.parameters, user_id)
+
+
+def _targets_tenant(state: ORMExecuteState) -> bool:
+    mapper = state.bind_mapper
+    return mapper is not None and _scoped(mapper.class_)
+
+
+def _guard_bulk_insert(state: ORMExecuteState, policy: TenantPolicy, user_id: str) -> None:
+    """ORM bulk INSERT (``session.execute(insert(Model), rows)``): stamp or refuse rows."""
+    if not _targets_tenant(state) or not state.parameters:
+        return
+    column = policy.column
+    parameters = state.parameters
+    rows: list[Mapping[str, Any]] = (
+        list(parameters) if isinstance(parameters, list) else [parameters]  # type: ignore[list-item]
     )
+    stamped: list[Mapping[str, Any]] = []
+    for row in rows:
+        value = row.get(column)
+        if value is None and policy.stamp_inserts:
+            row = {**row, column: user_id}  # noqa: PLW2901 - a stamped copy
+        elif value != user_id:
+            raise IsolationViolation(
+                f"insert: a {state.bind_mapper.class_.__name__} row has {column}={value!r} "  # type: ignore[union-attr]
+                f"but the session belongs to user {user_id!r}; a request can only create its "
+                "own user's rows"
+            )
+        stamped.append(row)
+    state.parameters = stamped if isinstance(parameters, list) else stamped[0]
+
+
+def _with_tenant(parameters: Any, user_id: str) -> Any:
+    if not parameters:
+        return {TENANT_PARAMETER: user_id}
+    if isinstance(parameters, dict):
+        return {**parameters, TENANT_PARAMETER: user_id}
+    return [{**each, TENANT_PARAMETER: user_id} for each in parameters]  # executemany
 
 
 def guard_flush(session: Session, policy: TenantPolicy, user_id: str) -> None:
