@@ -27,30 +27,19 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sqlalchemy import Integer, String, func, insert, select, text
+from sessions import Base, TenantRow  # benchmarks/sessions.py: the same tenant table
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from reqscope import (
     IsolatedSessionFactory,
     PoolConfig,
     TenantPolicy,
-    TenantScoped,
     UserExecutionContext,
     build_engine,
 )
 
 POOL = PoolConfig(pool_size=20, max_overflow=0)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class TenantRow(TenantScoped, Base):
-    __tablename__ = "reqscope_instr_tenant_rows"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    body: Mapped[str] = mapped_column(String(64))
 
 
 async def prepare(url: str) -> None:
