@@ -1,17 +1,18 @@
 """Instructions per request, reqscope vs plain, counted by valgrind (deterministic).
 
     python benchmarks/instructions.py [--postgres URL] [--requests 1000] [--workload tenant]
+                                      [--concurrency 1] [--skip-sqlite]
 
 CPU time on a small shared machine moves by ±10 % between rounds (see sessions.py), so a
 few-percent difference is hard to resolve there. ``valgrind --tool=callgrind`` counts the
 instructions the process executes instead, which repeats to within about 1 % whatever else
 the machine is doing. Each variant runs ``SELECT 1`` requests (``--workload tenant``: an ORM
 select of five rows of a tenant-scoped model, the plain session filtering by hand, reqscope
-through a ``TenantPolicy(rls=False)``) at concurrency 1 in a process of its own; a run with
-zero requests is subtracted, so start-up does not count. The plain variant uses an engine
-reqscope never touched. Instruction counts ignore cache misses and system calls, so their
-ratio is not the CPU-time ratio; it is the stable measure of how much work reqscope's own
-code adds.
+through a ``TenantPolicy(rls=False)``) at ``--concurrency`` (default 1; pool 20), each
+variant in a process of its own; a run with zero requests is subtracted, so start-up does
+not count. The plain variant uses an engine reqscope never touched. Instruction counts
+ignore cache misses and system calls, so their ratio is not the CPU-time ratio; it is the
+stable measure of how much work reqscope's own code adds.
 """
 
 from __future__ import annotations
@@ -53,13 +54,17 @@ async def prepare(url: str) -> None:
     await engine.dispose()
 
 
-async def run_variant(variant: str, url: str, requests: int, workload: str) -> None:
+async def run_variant(
+    variant: str, url: str, requests: int, workload: str, concurrency: int
+) -> None:
     engine = build_engine(url, pool=POOL)
     plain_engine = build_engine(url, pool=POOL)
     maker = async_sessionmaker(plain_engine, expire_on_commit=False)
     tenant = TenantPolicy(rls=False) if workload == "tenant" else None
-    async with IsolatedSessionFactory(engine, tenant=tenant) as factory:
-        for n in range(requests):
+    slots = asyncio.Semaphore(concurrency)
+
+    async def request(n: int) -> None:
+        async with slots:
             user = f"user-{n % 100}"
             if variant == "plain":
                 async with maker() as session:
@@ -74,11 +79,14 @@ async def run_variant(variant: str, url: str, requests: int, workload: str) -> N
                         await session.execute(text("SELECT 1"))
                     else:  # the policy adds the filter
                         (await session.scalars(select(TenantRow).limit(5))).all()
+
+    async with IsolatedSessionFactory(engine, tenant=tenant) as factory:
+        await asyncio.gather(*(request(n) for n in range(requests)))
     await engine.dispose()
     await plain_engine.dispose()
 
 
-def count(variant: str, url: str, requests: int, workload: str) -> int:
+def count(variant: str, url: str, requests: int, workload: str, concurrency: int) -> int:
     command = [
         "valgrind",
         "--tool=callgrind",
@@ -93,6 +101,8 @@ def count(variant: str, url: str, requests: int, workload: str) -> int:
         str(requests),
         "--workload",
         workload,
+        "--concurrency",
+        str(concurrency),
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)  # noqa: S603
     match = re.search(r"Collected : (\d+)", result.stderr)
@@ -106,17 +116,23 @@ def main() -> None:
     parser.add_argument("--postgres", default=os.environ.get("REQSCOPE_TEST_POSTGRES_URL"))
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--workload", choices=["select1", "tenant"], default="select1")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight (pool 20)")
+    parser.add_argument("--skip-sqlite", action="store_true", help="only PostgreSQL")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        asyncio.run(run_variant(args.child, args.url, args.requests, args.workload))
+        asyncio.run(
+            run_variant(args.child, args.url, args.requests, args.workload, args.concurrency)
+        )
         return
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed")
     print(f"command: python {' '.join(sys.argv)}")
     with tempfile.TemporaryDirectory() as tmp:
-        urls = {"SQLite": f"sqlite+aiosqlite:///{Path(tmp) / 'bench.sqlite3'}"}
+        urls = {}
+        if not args.skip_sqlite:
+            urls["SQLite"] = f"sqlite+aiosqlite:///{Path(tmp) / 'bench.sqlite3'}"
         if args.postgres:
             urls["PostgreSQL"] = args.postgres
         print("| database | plain instr/req | reqscope instr/req | ratio |")
@@ -128,7 +144,12 @@ def main() -> None:
             jobs.append(("reqscope", args.requests))
             with ThreadPoolExecutor(max_workers=2) as pool:
                 totals = list(
-                    pool.map(lambda job, url=url: count(job[0], url, job[1], args.workload), jobs)
+                    pool.map(
+                        lambda job, url=url: count(
+                            job[0], url, job[1], args.workload, args.concurrency
+                        ),
+                        jobs,
+                    )
                 )
             plain = (totals[1] - totals[0]) / args.requests
             scoped = (totals[3] - totals[2]) / args.requests

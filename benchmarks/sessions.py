@@ -48,7 +48,7 @@ from reqscope._leaks import LeakDetector
 from reqscope._registry import Entry, SessionRegistry
 
 POOL = PoolConfig(pool_size=20, max_overflow=0, pool_timeout=120.0)
-CONCURRENCY = (1, 100, 1000)
+CONCURRENCY = [1, 100, 1000]
 
 
 class Base(DeclarativeBase):
@@ -276,7 +276,12 @@ async def main() -> None:
     parser.add_argument("--only-tenant", action="store_true", help="only the tenant table")
     parser.add_argument("--skip-sqlite", action="store_true", help="only PostgreSQL tables")
     parser.add_argument("--workload", choices=list(WORKLOADS), help="only this workload")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", help=f"instead of {' '.join(map(str, CONCURRENCY))}"
+    )
     args = parser.parse_args()
+    if args.concurrency:
+        CONCURRENCY[:] = args.concurrency
     if args.workload:
         for name in list(WORKLOADS):
             if name != args.workload:
