@@ -40,7 +40,7 @@ from reqscope import (
     build_engine,
 )
 
-POOL = PoolConfig(pool_size=20, max_overflow=0)
+POOL = PoolConfig(pool_size=20, max_overflow=0, pool_timeout=120.0)  # valgrind is slow
 
 
 async def prepare(url: str) -> None:
