@@ -1,7 +1,7 @@
 """Instructions per request, reqscope vs plain, counted by valgrind (deterministic).
 
     python benchmarks/instructions.py [--postgres URL] [--requests 1000] [--workload tenant]
-                                      [--concurrency 1] [--skip-sqlite]
+                                      [--concurrency 1] [--skip-sqlite] [--no-gc]
 
 CPU time on a small shared machine moves by ±10 % between rounds (see sessions.py), so a
 few-percent difference is hard to resolve there. ``valgrind --tool=callgrind`` counts the
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import re
 import shutil
@@ -86,7 +87,9 @@ async def run_variant(
     await plain_engine.dispose()
 
 
-def count(variant: str, url: str, requests: int, workload: str, concurrency: int) -> int:
+def count(
+    variant: str, url: str, requests: int, workload: str, concurrency: int, *, no_gc: bool
+) -> int:
     command = [
         "valgrind",
         "--tool=callgrind",
@@ -103,6 +106,7 @@ def count(variant: str, url: str, requests: int, workload: str, concurrency: int
         workload,
         "--concurrency",
         str(concurrency),
+        *(["--no-gc"] if no_gc else []),
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)  # noqa: S603
     match = re.search(r"Collected : (\d+)", result.stderr)
@@ -118,10 +122,13 @@ def main() -> None:
     parser.add_argument("--workload", choices=["select1", "tenant"], default="select1")
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight (pool 20)")
     parser.add_argument("--skip-sqlite", action="store_true", help="only PostgreSQL")
+    parser.add_argument("--no-gc", action="store_true", help="gc.disable() in every variant")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        if args.no_gc:
+            gc.disable()
         asyncio.run(
             run_variant(args.child, args.url, args.requests, args.workload, args.concurrency)
         )
@@ -146,7 +153,7 @@ def main() -> None:
                 totals = list(
                     pool.map(
                         lambda job, url=url: count(
-                            job[0], url, job[1], args.workload, args.concurrency
+                            job[0], url, job[1], args.workload, args.concurrency, no_gc=args.no_gc
                         ),
                         jobs,
                     )
