@@ -32,7 +32,14 @@ def test_check_json(capsys) -> None:
 
 def test_check_against_a_server(database, capsys) -> None:
     assert main(["check", "--database-url", database.url, "--requests", "100", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["ok"]
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"]
+    # SQLite's single writer gets a small pool by default; servers get 10 connections.
+    assert report["pool_size"] == (4 if database.name == "sqlite" else 10)
+    assert (
+        main(["check", "--database-url", database.url, "--requests", "20", "--pool-size", "3"]) == 0
+    )
+    assert "pool 3" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

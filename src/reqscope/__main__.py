@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--users", type=int, default=20)
     check.add_argument("--requests", type=int, default=500)
     check.add_argument("--concurrency", type=int, default=50)
-    check.add_argument("--pool-size", type=int, default=10)
+    check.add_argument(
+        "--pool-size", type=int, help="connections (default: 10, or 4 on SQLite: one writer)"
+    )
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 

@@ -81,6 +81,8 @@ def _table(name: str) -> Table:
 
 
 MAX_ERRORS_SHOWN = 5
+SERVER_POOL_SIZE = 10
+SQLITE_POOL_SIZE = 4
 
 
 class _Workload:
@@ -166,16 +168,23 @@ async def run_check(
     users: int = 20,
     requests: int = 500,
     concurrency: int = 50,
-    pool_size: int = 10,
+    pool_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> CheckReport:
     """Run the workload and return the report (database errors propagate to the caller).
+
+    ``pool_size`` defaults to 10 connections, or 4 on SQLite: SQLite lets one transaction
+    write at a time and the others poll in its busy handler, unfairly, so more connections
+    only make a starved writer more likely to reach the busy timeout on a slow machine.
 
     Raises:
         ValueError: a count is below 1.
         ReqscopeError: the URL is malformed or its driver is not installed.
         DatabaseUnavailableError: the database cannot be reached.
     """
+    if pool_size is None:
+        sqlite = database_url is None or database_url.startswith("sqlite")
+        pool_size = SQLITE_POOL_SIZE if sqlite else SERVER_POOL_SIZE
     if min(users, requests, concurrency, pool_size) < 1:
         raise ValueError("--users, --requests, --concurrency and --pool-size must be >= 1")
     pool = PoolConfig(pool_size=pool_size, max_overflow=0, pool_timeout=60.0)
