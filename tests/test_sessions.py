@@ -474,3 +474,41 @@ async def test_a_cancelled_sqlite_statement_leaves_no_close_that_never_ends(tmp_
         while closing():
             await anyio.sleep(0.05)
     assert closing() == []
+
+
+async def test_a_native_cancel_during_cleanup_still_unregisters_and_frees(database, alice):
+    # anyio's shield does not stop asyncio's Task.cancel(): a cancel that lands inside the
+    # cleanup interrupts it. The session must still leave the registry and its connection
+    # must not stay checked out (it is invalidated, never returned half-cleaned).
+    from sqlalchemy.util import await_only
+
+    from reqscope import ReqscopeSession
+
+    real_close = ReqscopeSession.close
+    in_cleanup = asyncio.Event()
+
+    def slow_close(session) -> None:
+        if not in_cleanup.is_set():
+            in_cleanup.set()
+            await_only(asyncio.sleep(30))
+        real_close(session)
+
+    async with IsolatedSessionFactory(database.url) as factory:
+
+        async def request() -> None:
+            async with factory.session(alice) as session:
+                await session.execute(text("SELECT 1"))
+
+        ReqscopeSession.close = slow_close  # type: ignore[method-assign]
+        try:
+            task = asyncio.get_running_loop().create_task(request())
+            await in_cleanup.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            ReqscopeSession.close = real_close  # type: ignore[method-assign]
+        assert_clean(factory)
+        assert len(factory._cleanup_watchdog) == 0
+        async with factory.session(alice) as session:  # the factory still works
+            assert (await session.execute(text("SELECT 1"))).scalar_one() == 1

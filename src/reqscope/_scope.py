@@ -23,7 +23,7 @@ import anyio
 from sqlalchemy.util import greenlet_spawn
 
 from reqscope._context import UserExecutionContext, _current, current_context, new_id
-from reqscope._enforcement import _task_name
+from reqscope._enforcement import _invalidate, _task_name
 from reqscope._leaks import LeakDetector
 from reqscope._registry import Entry, EntryState
 
@@ -191,17 +191,33 @@ class SessionScope:
         factory = self._factory
         entry = self._entry
         conn = entry.connection  # the latest transaction's connection, if it ever had one
-        if entry.state is not EntryState.RECLAIMED:
-            clean = await self._close_shielded()
-            entry.state = EntryState.CLOSED
-            if not clean:
-                await factory._invalidate_gracefully(conn)  # noqa: SLF001
-        else:
-            await factory._invalidate_gracefully(conn)  # noqa: SLF001
-        entry.connection = None
         registry = factory._registry  # noqa: SLF001
-        registry.discard(entry)
-        registry.sessions_closed += 1
+        try:
+            if entry.state is not EntryState.RECLAIMED:
+                clean = await self._close_shielded()
+                entry.state = EntryState.CLOSED
+                if not clean:
+                    await factory._invalidate_gracefully(conn)  # noqa: SLF001
+            else:
+                await factory._invalidate_gracefully(conn)  # noqa: SLF001
+        except BaseException:
+            # The shield stops anyio cancellation, not asyncio's Task.cancel(): interrupted
+            # half-way, the connection is invalidated (never returned half-cleaned), through
+            # the driver's graceful close unless that is interrupted too.
+            entry.state = EntryState.CLOSED
+            registry.cleanup_failures += 1
+            try:
+                await factory._invalidate_gracefully(conn)  # noqa: SLF001
+            finally:
+                if conn is not None:
+                    _invalidate(conn)  # a no-op once the graceful path finished
+                if self._probe:
+                    factory.circuit_breaker.release_probe()
+            raise
+        finally:
+            entry.connection = None
+            registry.discard(entry)
+            registry.sessions_closed += 1
         if error is not None:
             registry.sessions_failed += 1
             breaker = factory.circuit_breaker
