@@ -145,26 +145,33 @@ def _targets_tenant(state: ORMExecuteState) -> bool:
 
 def _guard_bulk_insert(state: ORMExecuteState, policy: TenantPolicy, user_id: str) -> None:
     """ORM bulk INSERT (``session.execute(insert(Model), rows)``): stamp or refuse rows."""
-    if not _targets_tenant(state) or not state.parameters:
+    parameters = state.parameters
+    if not _targets_tenant(state) or not parameters:
         return
     column = policy.column
-    parameters = state.parameters
-    rows: list[Mapping[str, Any]] = (
-        list(parameters) if isinstance(parameters, list) else [parameters]  # type: ignore[list-item]
-    )
-    stamped: list[Mapping[str, Any]] = []
-    for row in rows:
-        value = row.get(column)
-        if value is None and policy.stamp_inserts:
-            row = {**row, column: user_id}  # noqa: PLW2901 - a stamped copy
-        elif value != user_id:
-            raise IsolationViolation(
-                f"insert: a {state.bind_mapper.class_.__name__} row has {column}={value!r} "  # type: ignore[union-attr]
-                f"but the session belongs to user {user_id!r}; a request can only create its "
-                "own user's rows"
-            )
-        stamped.append(row)
-    state.parameters = stamped if isinstance(parameters, list) else stamped[0]
+    what = f"insert: a {state.bind_mapper.class_.__name__} row"  # type: ignore[union-attr]
+
+    def stamped(row: Mapping[str, Any]) -> Mapping[str, Any]:
+        return {**row, column: _new_row_tenant(row.get(column), policy, user_id, what)}
+
+    if isinstance(parameters, list):
+        state.parameters = [stamped(row) for row in parameters]
+    else:
+        state.parameters = stamped(parameters)  # type: ignore[arg-type]
+
+
+def _new_row_tenant(value: object, policy: TenantPolicy, user_id: str, what: str) -> object:
+    """The tenant a new row gets (stamped when unset), or raise if it is another user's."""
+    if value is None and policy.stamp_inserts:
+        return user_id
+    if value != user_id:
+        unset = " or leave it unset" if policy.stamp_inserts else ""
+        raise IsolationViolation(
+            f"{what} has {policy.column}={value!r} but the session belongs to user "
+            f"{user_id!r}; a request can only create its own user's rows: set {policy.column} "
+            f"to {user_id!r}{unset}, or open the session for the row's user"
+        )
+    return value
 
 
 def _with_tenant(parameters: Any, user_id: str) -> Any:
@@ -182,13 +189,9 @@ def guard_flush(session: Session, policy: TenantPolicy, user_id: str) -> None:
         if not _scoped(type(obj)):
             continue
         value = getattr(obj, column, None)
-        if value is None and policy.stamp_inserts:
-            setattr(obj, column, user_id)
-        elif value != user_id:
-            raise IsolationViolation(
-                f"flush: a new {type(obj).__name__} has {column}={value!r} but the session "
-                f"belongs to user {user_id!r}; a request can only create its own user's rows"
-            )
+        tenant = _new_row_tenant(value, policy, user_id, f"flush: a new {type(obj).__name__}")
+        if value is None:
+            setattr(obj, column, tenant)
     for obj in session.dirty:
         if not _scoped(type(obj)):
             continue
