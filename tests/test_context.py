@@ -3,6 +3,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import enum
+import os
+import threading
 import uuid
 from decimal import Decimal
 
@@ -23,6 +25,7 @@ from reqscope import (
     current_context_or_none,
     use_context,
 )
+from reqscope._context import _random_hex, new_id
 from reqscope.testing.strategies import contexts, user_ids
 from reqscope.testing.strategies import metadata as strategy_metadata
 
@@ -139,6 +142,51 @@ def test_create_generates_ids_and_records_creation() -> None:
     assert ctx.audit_trail[0].action == "created"
     assert ctx.operation_depth == 0
     assert ctx.parent_request_id is None
+
+
+def test_generated_ids_are_fresh_random_hex_across_batches() -> None:
+    # 3,000 contexts and 3,000 session-style ids cross many 4 KiB refills of the id buffer.
+    seen: set[str] = set()
+    for _ in range(3000):
+        ctx = UserExecutionContext.create("alice")
+        seen.update((ctx.thread_id, ctx.run_id, ctx.request_id, new_id()))
+    assert len(seen) == 12_000
+    assert all(len(value) == 32 and int(value, 16) >= 0 for value in seen)
+    # A request larger than a batch still gets fresh digits.
+    assert len(_random_hex.take(10_000)) == 10_000
+
+
+def test_threads_never_get_the_same_id() -> None:
+    results: list[list[str]] = [[] for _ in range(8)]
+
+    def draw(out: list[str]) -> None:
+        out.extend(new_id() for _ in range(2000))
+
+    threads = [threading.Thread(target=draw, args=(out,)) for out in results]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    drawn = [value for out in results for value in out]
+    assert len(set(drawn)) == len(drawn) == 16_000
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_never_repeats_the_parents_ids() -> None:
+    new_id()  # the parent has a partly used batch, which the child would otherwise reuse
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(read)
+        os.write(write, " ".join(new_id() for _ in range(5)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(pipe.read().split())
+    os.waitpid(pid, 0)
+    parent = {new_id() for _ in range(5)}
+    assert len(child) == 5
+    assert not child & parent
 
 
 def test_with_metadata_keeps_ids() -> None:
