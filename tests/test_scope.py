@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 import anyio.lowlevel
 import pytest
 
-from reqscope._scope import CleanupWatchdog
+from reqscope._scope import CleanupWatchdog, TaskDeadline, _anyio_shield
 
 pytestmark = pytest.mark.anyio
 
@@ -63,3 +65,60 @@ async def test_shielded_cleanup_ignores_outer_cancellation_but_not_the_watchdog(
             await anyio.sleep(10)  # cut by the watchdog
     assert survived
     assert shield.cancelled_caught
+
+
+# -- which cleanups need anyio's shield -----------------------------------------------------
+
+
+async def test_only_tasks_inside_an_anyio_scope_get_a_shield() -> None:
+    # This reads anyio's private per-task records: if an anyio release changes them, this
+    # test is what says so (reqscope then falls back to anyio.CancelScope, never to less).
+    seen: dict[str, anyio.CancelScope | None] = {}
+
+    async def look(name: str) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        seen[name] = _anyio_shield(task)
+
+    async def enters_and_leaves_a_scope() -> None:
+        with anyio.CancelScope():
+            await look("plain task, inside a CancelScope")
+        await look("plain task, after its CancelScope")
+
+    await asyncio.get_running_loop().create_task(look("plain asyncio task"))
+    await asyncio.get_running_loop().create_task(enters_and_leaves_a_scope())
+    async with anyio.create_task_group() as group:
+        group.start_soon(look, "task-group task")
+    assert seen["plain asyncio task"] is None
+    assert seen["plain task, after its CancelScope"] is None
+    for name in ("plain task, inside a CancelScope", "task-group task"):
+        shield = seen[name]
+        assert isinstance(shield, anyio.CancelScope), name
+        assert shield.shield, name
+
+
+async def test_a_task_deadline_cuts_again_when_the_first_cut_is_swallowed() -> None:
+    watchdog = CleanupWatchdog()
+    cuts = 0
+
+    async def cleanup() -> None:
+        nonlocal cuts
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:  # a driver that swallows the first cancellation
+            cuts += 1
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cuts += 1
+        watchdog.unwatch(deadline)
+        assert deadline.sent == 2
+
+    task = asyncio.get_running_loop().create_task(cleanup())
+    deadline = TaskDeadline(task, 0.05)
+    watchdog.watch(deadline, 0.05)
+    started = anyio.current_time()
+    await task
+    assert cuts == 2
+    assert anyio.current_time() - started < 5
+    assert len(watchdog) == 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import pytest
@@ -326,8 +327,39 @@ async def test_a_cancelled_commit_is_not_a_success(factory, alice, tables) -> No
     assert_clean(factory)
 
 
+RUNNERS = ["anyio task group", "asyncio task"]
+
+
+async def run_as(runner: str, request: Callable[[], Awaitable[None]]) -> None:
+    """Run ``request`` the way a server would: in an anyio task group or a bare asyncio task.
+
+    The two take different cleanup paths (an anyio shield scope, or a Task.cancel()
+    deadline where no anyio scope can reach the task); both must behave the same.
+    """
+    if runner == "asyncio task":
+        await asyncio.get_running_loop().create_task(request())
+    else:
+        async with anyio.create_task_group() as group:
+            group.start_soon(request)
+
+
+def count_deadline_cleanups(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    from reqscope._scope import SessionScope
+
+    calls: list[bool] = []
+    real = SessionScope._close_with_deadline
+
+    async def spy(self, *args):  # type: ignore[no-untyped-def]
+        calls.append(True)
+        return await real(self, *args)
+
+    monkeypatch.setattr(SessionScope, "_close_with_deadline", spy)
+    return calls
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
 async def test_a_hung_cleanup_is_cut_at_cleanup_timeout(
-    database, alice, monkeypatch, caplog
+    database, alice, monkeypatch, caplog, runner
 ) -> None:
     # A rollback the database never answers: the shielded cleanup must not wait forever.
     from sqlalchemy.util import await_only
@@ -344,12 +376,25 @@ async def test_a_hung_cleanup_is_cut_at_cleanup_timeout(
         real_close(session)
 
     monkeypatch.setattr(ReqscopeSession, "close", hanging_close)
+    deadline_cleanups = count_deadline_cleanups(monkeypatch)
     caplog.set_level(logging.ERROR, logger="reqscope")
+    after_the_block: list[bool] = []
     async with IsolatedSessionFactory(database.url, cleanup_timeout=0.2) as factory:
+
+        async def request() -> None:
+            async with factory.session(alice) as session:
+                await session.execute(text("SELECT 1"))
+            # The cut is taken back: the request goes on, nothing is left pending on it.
+            await asyncio.sleep(0.01)
+            task = asyncio.current_task()
+            assert task is not None
+            after_the_block.append(getattr(task, "cancelling", int)() == 0)
+
         started = anyio.current_time()
-        async with factory.session(alice) as session:
-            await session.execute(text("SELECT 1"))
+        await run_as(runner, request)
         assert anyio.current_time() - started < 5
+        assert after_the_block == [True]
+        assert bool(deadline_cleanups) is (runner == "asyncio task")
         metrics = factory.metrics()
         assert metrics.cleanup_failures == 1
         assert_clean(factory)  # the connection was invalidated, its slot is free
@@ -357,6 +402,74 @@ async def test_a_hung_cleanup_is_cut_at_cleanup_timeout(
         async with factory.session(alice) as session:  # and the factory still works
             assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
         assert len(factory._cleanup_watchdog) == 0
+
+
+def swallowing_close(monkeypatch: pytest.MonkeyPatch, cut: asyncio.Event) -> None:
+    """Make the next close hang, swallow its first cancellation, and hang again."""
+    from sqlalchemy.util import await_only
+
+    from reqscope import ReqscopeSession
+
+    real_close = ReqscopeSession.close
+    used: list[bool] = []
+
+    def close(session) -> None:
+        if not used:
+            used.append(True)
+            try:
+                await_only(asyncio.sleep(30))
+            except asyncio.CancelledError:
+                cut.set()
+            await_only(asyncio.sleep(30))
+        real_close(session)
+
+    monkeypatch.setattr(ReqscopeSession, "close", close)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+async def test_a_cleanup_that_swallows_the_cut_is_cut_again(
+    database, alice, monkeypatch, runner
+) -> None:
+    swallowing_close(monkeypatch, asyncio.Event())
+    async with IsolatedSessionFactory(database.url, cleanup_timeout=0.2) as factory:
+
+        async def request() -> None:
+            async with factory.session(alice) as session:
+                await session.execute(text("SELECT 1"))
+
+        with anyio.fail_after(10):
+            await run_as(runner, request)
+        assert factory.metrics().cleanup_failures == 1
+        assert_clean(factory)
+        assert len(factory._cleanup_watchdog) == 0
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Python 3.10 cannot tell one Task.cancel() from another"
+)
+async def test_a_task_cancel_during_a_cut_cleanup_still_propagates(
+    database, alice, monkeypatch
+) -> None:
+    # The deadline cut the cleanup and a Task.cancel() from elsewhere lands as well: taking
+    # back the deadline's own cancellation must not swallow the other one.
+    cut = asyncio.Event()
+    swallowing_close(monkeypatch, cut)
+    async with IsolatedSessionFactory(database.url, cleanup_timeout=0.2) as factory:
+
+        async def request() -> None:
+            async with factory.session(alice) as session:
+                await session.execute(text("SELECT 1"))
+            pytest.fail("the request went on after it was cancelled")  # pragma: no cover
+
+        task = asyncio.get_running_loop().create_task(request())
+        await cut.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert_clean(factory)
+        assert len(factory._cleanup_watchdog) == 0
+        async with factory.session(alice) as session:
+            assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
 
 
 async def test_closed_factory_refuses_new_sessions(database, alice) -> None:

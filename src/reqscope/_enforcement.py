@@ -18,7 +18,6 @@ listen to it (:func:`tenant_session_class`), to add the tenant filter.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from typing import TYPE_CHECKING, Any, Final
@@ -261,14 +260,6 @@ def _remember_backend_pid(_dbapi_connection: object, record: Any) -> None:
     )
     if pid:
         record.info[_PID_KEY] = int(pid)
-
-
-def _task_name() -> str | None:
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:
-        return None
-    return None if task is None else task.get_name()
 
 
 def _invalidate(conn: Connection) -> None:

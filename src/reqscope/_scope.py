@@ -16,14 +16,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import sys
 import traceback
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import anyio
 from sqlalchemy.util import greenlet_spawn
 
 from reqscope._context import UserExecutionContext, _current, current_context, new_id
-from reqscope._enforcement import _invalidate, _task_name
+from reqscope._enforcement import _invalidate
 from reqscope._leaks import LeakDetector
 from reqscope._registry import Entry, EntryState
 
@@ -42,25 +43,59 @@ _ACTIVE = EntryState.ACTIVE
 _utc = dt.timezone.utc
 
 
+class TaskDeadline:
+    """Cuts a cleanup that no anyio cancel scope can reach, with ``Task.cancel()``.
+
+    A cleanup runs in an anyio shield only when an anyio cancel scope encloses its task
+    (:func:`_anyio_shield`); elsewhere nothing but ``Task.cancel()`` can interrupt it, and
+    this is the bound: the watchdog calls :meth:`cancel` at the deadline and again every
+    ``interval`` seconds until the cleanup ends (a driver may swallow one cancellation).
+    """
+
+    __slots__ = ("interval", "sent", "task")
+
+    def __init__(self, task: asyncio.Task[object], interval: float) -> None:
+        self.task = task
+        self.interval = interval
+        self.sent = 0
+
+    def cancel(self) -> float:
+        """Cancel the task; return when to do it again if the cleanup is still running."""
+        self.sent += 1
+        self.task.cancel()
+        return self.interval
+
+
 class CleanupWatchdog:
-    """Cancels shielded cleanups that outlive their deadline, with one timer for all.
+    """Cancels cleanups that outlive their deadline, with one timer for all.
 
     A cancel scope with its own deadline arms and cancels an event-loop timer per request,
     which costs more than everything else reqscope adds to a request. Cleanups instead
-    register here; a single timer, armed only while some cleanup is in progress, fires at
-    the earliest deadline and cancels the scopes that are overdue.
+    register here (an anyio shield scope, or a :class:`TaskDeadline`); a single timer, armed
+    only while some cleanup is in progress, fires at the earliest deadline and cancels what
+    is overdue.
     """
 
     __slots__ = ("_handle", "_loop", "_pending")
 
     def __init__(self) -> None:
-        self._pending: dict[anyio.CancelScope, float] = {}
+        self._pending: dict[anyio.CancelScope | TaskDeadline, float] = {}
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def watch(self, scope: anyio.CancelScope, timeout: float) -> None:
-        """Cancel ``scope`` if it is still watched ``timeout`` seconds from now."""
-        loop = asyncio.get_running_loop()
+    def watch(
+        self,
+        scope: anyio.CancelScope | TaskDeadline,
+        timeout: float,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """Cancel ``scope`` if it is still watched ``timeout`` seconds from now.
+
+        ``loop`` is the running loop, when the caller knows it: on Python 3.10 and 3.11
+        ``asyncio.get_running_loop()`` costs a system call.
+        """
+        if loop is None:
+            loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if loop is not self._loop:  # first use, or the factory moved to another loop
             if self._handle is not None:
@@ -71,7 +106,7 @@ class CleanupWatchdog:
         if self._handle is None:
             self._handle = loop.call_at(deadline, self._expire)
 
-    def unwatch(self, scope: anyio.CancelScope) -> None:
+    def unwatch(self, scope: anyio.CancelScope | TaskDeadline) -> None:
         """Stop watching ``scope`` (its cleanup finished)."""
         self._pending.pop(scope, None)
 
@@ -83,12 +118,43 @@ class CleanupWatchdog:
         assert loop is not None  # noqa: S101 - armed by watch()
         self._handle = None
         now = loop.time()
-        overdue = [scope for scope, deadline in self._pending.items() if deadline <= now]
+        pending = self._pending
+        overdue = [scope for scope, deadline in pending.items() if deadline <= now]
         for scope in overdue:
-            del self._pending[scope]
-            scope.cancel()
-        if self._pending:
-            self._handle = loop.call_at(min(self._pending.values()), self._expire)
+            if isinstance(scope, TaskDeadline):
+                pending[scope] = now + scope.cancel()  # until unwatched
+            else:
+                del pending[scope]
+                scope.cancel()  # anyio keeps delivering it until the scope exits
+        if pending:
+            self._handle = loop.call_at(min(pending.values()), self._expire)
+
+
+_ANYIO_ASYNCIO: Final = "anyio._backends._asyncio"
+
+
+def _anyio_shield(task: asyncio.Task[object]) -> anyio.CancelScope | None:
+    """The anyio shield a cleanup in ``task`` needs, or None when no anyio scope encloses it.
+
+    anyio cancels a task only through the cancel scopes it is inside, and it records them
+    per task (``_task_states``); a task it never saw inside a scope (a plain asyncio task,
+    as servers such as uvicorn run requests in) cannot receive an anyio cancellation, so a
+    shield would only cost: three system calls on Python 3.10/3.11 and most of what
+    reqscope adds to such a request (docs/performance.md). An anyio without these
+    internals gets the public ``anyio.CancelScope``: always safe, only slower.
+    """
+    backend = sys.modules.get(_ANYIO_ASYNCIO)
+    if backend is None:
+        return None  # anyio's asyncio backend never ran in this process: no anyio scopes
+    states = getattr(backend, "_task_states", None)
+    scope_class = getattr(backend, "CancelScope", None)
+    if states is None or scope_class is None:  # pragma: no cover - a future anyio
+        return anyio.CancelScope(shield=True)
+    state = states.get(task)
+    if state is None or getattr(state, "cancel_scope", True) is None:
+        return None
+    shield: anyio.CancelScope = scope_class(shield=True)  # what anyio.CancelScope() returns
+    return shield
 
 
 class SessionScope:
@@ -101,6 +167,7 @@ class SessionScope:
         "_entry",
         "_factory",
         "_lifetime",
+        "_loop",
         "_previous",
         "_probe",
         "_session",
@@ -144,7 +211,19 @@ class SessionScope:
         # DatabaseUnavailableError (the factory's do_connect hook), pool timeouts as
         # PoolExhaustedError (on exit).
         session = factory._new_session()  # noqa: SLF001
-        entry = _register(factory, session, ctx, self._lifetime, self._bypass)
+        try:
+            task = asyncio.current_task()  # a system call on Python 3.10/3.11: asked once
+        except RuntimeError:  # not running on asyncio
+            task = None
+        self._loop = None if task is None else task.get_loop()
+        entry = _register(
+            factory,
+            session,
+            ctx,
+            self._lifetime,
+            bypass_tenant=self._bypass,
+            task_name=None if task is None else task.get_name(),
+        )
         self._entry = entry
         self._session = session
         self._previous = _current.get()
@@ -234,35 +313,95 @@ class SessionScope:
         Returns:
             Whether it completed; if not, the caller invalidates the connection.
         """
+        loop = self._loop
+        # current_task(loop) is the exiting task without get_running_loop()'s system call.
+        task = None if loop is None else asyncio.current_task(loop)
+        if task is None:
+            return await self._close_in_shield(anyio.CancelScope(shield=True), loop)
+        shield = _anyio_shield(task)
+        if shield is None:
+            return await self._close_with_deadline(task, loop)
+        return await self._close_in_shield(shield, loop)
+
+    async def _close(self) -> bool:
+        try:
+            await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
+        except Exception:
+            self._factory._registry.cleanup_failures += 1  # noqa: SLF001
+            logger.exception(
+                "reqscope: closing session %s failed; invalidating its connection",
+                self._entry.session_id,
+                extra=self._entry.log_fields(),
+            )
+            return False
+        return True
+
+    def _log_overdue(self) -> None:
         factory = self._factory
         entry = self._entry
-        watchdog = factory._cleanup_watchdog  # noqa: SLF001
+        factory._registry.cleanup_failures += 1  # noqa: SLF001
+        logger.error(
+            "reqscope: closing session %s took longer than cleanup_timeout=%s s; "
+            "invalidating its connection",
+            entry.session_id,
+            factory.cleanup_timeout,
+            extra=entry.log_fields(),
+        )
+
+    async def _close_in_shield(
+        self, shield: anyio.CancelScope, loop: asyncio.AbstractEventLoop | None
+    ) -> bool:
+        """Close inside an anyio shield scope, which the watchdog cancels when overdue."""
+        watchdog = self._factory._cleanup_watchdog  # noqa: SLF001
         clean = False
-        with anyio.CancelScope(shield=True) as shield:
-            watchdog.watch(shield, factory.cleanup_timeout)
+        with shield:
+            watchdog.watch(shield, self._factory.cleanup_timeout, loop)
             try:
-                await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
-                clean = True
-            except Exception:
-                factory._registry.cleanup_failures += 1  # noqa: SLF001
-                logger.exception(
-                    "reqscope: closing session %s failed; invalidating its connection",
-                    entry.session_id,
-                    extra=entry.log_fields(),
-                )
+                clean = await self._close()
             finally:
                 if not shield.cancel_called:
                     watchdog.unwatch(shield)
         if shield.cancelled_caught:
-            factory._registry.cleanup_failures += 1  # noqa: SLF001
-            logger.error(
-                "reqscope: closing session %s took longer than cleanup_timeout=%s s; "
-                "invalidating its connection",
-                entry.session_id,
-                factory.cleanup_timeout,
-                extra=entry.log_fields(),
-            )
+            self._log_overdue()
         return clean
+
+    async def _close_with_deadline(
+        self, task: asyncio.Task[object], loop: asyncio.AbstractEventLoop | None
+    ) -> bool:
+        """Close in a task no anyio scope can cancel, cut by ``Task.cancel()`` when overdue.
+
+        The deadline's cancellations are taken back (``Task.uncancel()``) once the cleanup
+        ends, so the task is left as it was; a ``Task.cancel()`` from elsewhere that landed
+        meanwhile still propagates, exactly as it does through an anyio shield.
+        """
+        factory = self._factory
+        watchdog = factory._cleanup_watchdog  # noqa: SLF001
+        timeout = factory.cleanup_timeout
+        deadline = TaskDeadline(task, timeout)
+        cancelling = getattr(task, "cancelling", None)  # both Python 3.11+
+        uncancel = getattr(task, "uncancel", None)
+        before = 0 if cancelling is None else cancelling()
+        watchdog.watch(deadline, timeout, loop)
+        try:
+            clean = await self._close()
+        except asyncio.CancelledError:
+            if not deadline.sent:
+                raise  # not ours: the caller invalidates and lets it propagate
+            clean = False
+            interrupted = True
+        else:
+            interrupted = False
+        finally:
+            watchdog.unwatch(deadline)
+        if not deadline.sent:
+            return clean
+        if uncancel is not None:
+            for _ in range(deadline.sent):
+                uncancel()
+        self._log_overdue()
+        if interrupted and cancelling is not None and cancelling() > before:
+            raise asyncio.CancelledError  # a Task.cancel() from elsewhere landed too
+        return False
 
 
 def _register(
@@ -270,7 +409,9 @@ def _register(
     session: AsyncSession,
     ctx: UserExecutionContext,
     lifetime: float | None,
+    *,
     bypass_tenant: bool,
+    task_name: str | None,
 ) -> Entry:
     session_id = new_id()
     opened_at = dt.datetime.now(_utc)
@@ -289,7 +430,7 @@ def _register(
         ctx,
         opened_at,
         factory.max_session_lifetime if lifetime is None else float(lifetime),
-        _task_name(),
+        task_name,
         "".join(traceback.format_stack(limit=26)[:-2]) if factory.capture_stacks else None,
     )
     entry.owner = factory
