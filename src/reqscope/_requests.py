@@ -12,8 +12,6 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-import anyio
-
 from reqscope._context import UserExecutionContext, new_id, validate_id
 from reqscope.exceptions import ContextValidationError, ReqscopeError, SessionScopeError
 
@@ -183,9 +181,13 @@ class RequestResources:
             return
         self.closed = True
         exc_type = None if error is None else type(error)
-        with anyio.CancelScope(shield=True):
+        # No shield around the two: each scope shields its own cleanup, and one here would
+        # make the session's cleanup take anyio's path even in a bare asyncio task
+        # (docs/performance.md). A cancellation can only land inside those shields.
+        try:
             if self._agent_scope is not None:
                 await self._agent_scope.__aexit__(exc_type, error, None)
+        finally:  # also when a Task.cancel() cut the agents' cleanup
             if self._session_scope is not None:
                 try:
                     await self._session_scope.__aexit__(exc_type, error, None)
