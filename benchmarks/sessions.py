@@ -49,6 +49,7 @@ from reqscope._registry import Entry, SessionRegistry
 
 POOL = PoolConfig(pool_size=20, max_overflow=0, pool_timeout=120.0)
 CONCURRENCY = [1, 100, 1000]
+RUNNER = ["asyncio"]  # --runner
 
 
 class Base(DeclarativeBase):
@@ -95,7 +96,20 @@ def variants(plain_engine: AsyncEngine, factory: IsolatedSessionFactory):
         async with factory.session(UserExecutionContext.create(user)) as session:
             await workload(session, user)
 
-    return {"plain": plain, "plain-again": plain, "reqscope": scoped}
+    # The session alone: a context per user made beforehand (in an app the middleware
+    # makes the request's context once, whatever the request then opens).
+    contexts = {f"user-{i}": UserExecutionContext.create(f"user-{i}") for i in range(100)}
+
+    async def scoped_session_only(workload: Workload, user: str) -> None:
+        async with factory.session(contexts[user]) as session:
+            await workload(session, user)
+
+    return {
+        "plain": plain,
+        "plain-again": plain,
+        "reqscope": scoped,
+        "reqscope, context given": scoped_session_only,
+    }
 
 
 def spread(ratios: list[float]) -> str:
@@ -107,19 +121,34 @@ def spread(ratios: list[float]) -> str:
 
 
 async def measure(run, workload: Workload, requests: int, concurrency: int) -> tuple[float, float]:
-    """Return (CPU µs per request, wall ms per request) for ``requests`` requests."""
+    """Return (CPU µs per request, wall ms per request) for ``requests`` requests.
+
+    ``RUNNER[0] == "asyncio"``: every request runs in an asyncio task of its own, at most
+    ``concurrency`` at a time, as uvicorn runs ASGI requests. ``"anyio"``: ``concurrency``
+    workers in an anyio task group each run their share of requests one after another, so
+    every request runs inside an anyio cancel scope (as under ``BaseHTTPMiddleware``).
+    """
     per_worker = max(1, requests // concurrency)
     total = per_worker * concurrency
+    loop = asyncio.get_running_loop()
 
     async def worker(index: int) -> None:
         user = f"user-{index % 100}"
         for _ in range(per_worker):
             await run(workload, user)
 
+    async def spawner(index: int) -> None:
+        user = f"user-{index % 100}"
+        for _ in range(per_worker):
+            await loop.create_task(run(workload, user))
+
     cpu, wall = time.process_time(), time.perf_counter()
-    async with anyio.create_task_group() as group:
-        for index in range(concurrency):
-            group.start_soon(worker, index)
+    if RUNNER[0] == "asyncio":
+        await asyncio.gather(*(spawner(index) for index in range(concurrency)))
+    else:
+        async with anyio.create_task_group() as group:
+            for index in range(concurrency):
+                group.start_soon(worker, index)
     return (
         (time.process_time() - cpu) / total * 1e6,
         (time.perf_counter() - wall) / total * 1e3,
@@ -277,9 +306,17 @@ async def main() -> None:
     parser.add_argument("--skip-sqlite", action="store_true", help="only PostgreSQL tables")
     parser.add_argument("--workload", choices=list(WORKLOADS), help="only this workload")
     parser.add_argument(
+        "--runner",
+        choices=["asyncio", "anyio"],
+        default="asyncio",
+        help="each request in its own asyncio task (as uvicorn runs them; default), or "
+        "workers in an anyio task group (every request inside an anyio cancel scope)",
+    )
+    parser.add_argument(
         "--concurrency", type=int, nargs="+", help=f"instead of {' '.join(map(str, CONCURRENCY))}"
     )
     args = parser.parse_args()
+    RUNNER[0] = args.runner
     if args.concurrency:
         CONCURRENCY[:] = args.concurrency
     if args.workload:
@@ -291,7 +328,10 @@ async def main() -> None:
         f"python {platform.python_version()}, sqlalchemy {sqlalchemy.__version__}, "
         f"reqscope {reqscope.__version__}, nproc {os.cpu_count()}, {platform.machine()}"
     )
-    print(f"pool: {POOL}; rounds={args.rounds}; requests per measurement={args.requests}")
+    print(
+        f"pool: {POOL}; rounds={args.rounds}; requests per measurement={args.requests}; "
+        f"runner={args.runner}"
+    )
     print(
         "| database | workload | concurrency | variant | CPU µs/req | CPU ratio (median) | "
         "ratio IQR | wall ms/req | wall ratio |"

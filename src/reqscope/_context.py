@@ -44,6 +44,7 @@ PLACEHOLDER_IDS: Final = frozenset(
     {"none", "null", "undefined", "nil", "placeholder", "default_user"}
 )
 HEADER_PREFIX: Final = "x-reqscope-"
+_LONGEST_PLACEHOLDER: Final = max(map(len, PLACEHOLDER_IDS))
 
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _ID_FIELDS: Final = ("user_id", "thread_id", "run_id", "request_id")
@@ -74,7 +75,7 @@ def validate_id(field_name: str, value: object) -> str:
         raise ContextValidationError(field_name, f"contains control characters: {value!r}")
     if value != value.strip():
         raise ContextValidationError(field_name, f"has surrounding whitespace: {value!r}")
-    if value.lower() in PLACEHOLDER_IDS:
+    if len(value) <= _LONGEST_PLACEHOLDER and value.lower() in PLACEHOLDER_IDS:
         raise ContextValidationError(
             field_name,
             f"{value!r} is a placeholder, which signals a bug upstream; "
@@ -264,22 +265,21 @@ class UserExecutionContext:
         Returns:
             A validated context whose audit trail starts with a ``created`` event.
         """
-        missing = (thread_id is None) + (run_id is None) + (request_id is None)
-        fresh = _random_hex.take(32 * missing) if missing else ""
-        generated = iter([fresh[i : i + 32] for i in range(0, len(fresh), 32)])
+        # Three ids' worth of digits, used or not: one call is cheaper than counting.
+        fresh = _random_hex.take(96)
         now = _utcnow()
         return cls._trusted(
             validate_id("user_id", user_id),
-            next(generated) if thread_id is None else validate_id("thread_id", thread_id),
-            next(generated) if run_id is None else validate_id("run_id", run_id),
-            next(generated) if request_id is None else validate_id("request_id", request_id),
+            fresh[:32] if thread_id is None else validate_id("thread_id", thread_id),
+            fresh[32:64] if run_id is None else validate_id("run_id", run_id),
+            fresh[64:] if request_id is None else validate_id("request_id", request_id),
             None
             if websocket_client_id is None
             else validate_id("websocket_client_id", websocket_client_id),
             None,
             0,
             now,
-            freeze_mapping(metadata),
+            EMPTY if metadata is None else freeze_mapping(metadata),
             (_event(now, "created", ""),),
         )
 
