@@ -50,6 +50,7 @@ from reqscope._registry import Entry, SessionRegistry
 POOL = PoolConfig(pool_size=20, max_overflow=0, pool_timeout=120.0)
 CONCURRENCY = [1, 100, 1000]
 RUNNER = ["asyncio"]  # --runner
+PIN = [False]  # --pin
 
 
 class Base(DeclarativeBase):
@@ -155,6 +156,34 @@ async def measure(run, workload: Workload, requests: int, concurrency: int) -> t
     )
 
 
+def pin_self() -> None:
+    """Run this process on the last CPU only (``--pin``)."""
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+
+
+async def pin_server_backends(engine: AsyncEngine) -> None:
+    """Move this database's PostgreSQL backends off this process's CPU (``--pin``).
+
+    Only for a server on this machine: each pid is checked to be a ``postgres`` process.
+    """
+    if engine.dialect.name != "postgresql":
+        return
+    async with engine.connect() as conn:
+        pids = (
+            await conn.scalars(
+                text(
+                    "SELECT pid FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND backend_type = 'client backend'"
+                )
+            )
+        ).all()
+    others = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
+    for pid in pids:
+        comm = Path(f"/proc/{pid}/comm")
+        if others and comm.exists() and comm.read_text().strip() == "postgres":
+            os.sched_setaffinity(pid, others)
+
+
 async def bench_database(name: str, url: str, rounds: int, requests: int) -> list[str]:
     engine = build_engine(url, pool=POOL)
     # The plain variants get an engine of their own, with the same settings: one that
@@ -172,6 +201,8 @@ async def bench_database(name: str, url: str, rounds: int, requests: int) -> lis
                 n = max(requests, concurrency * 2)
                 for variant in names:  # warm up: fill the pool, cache statements
                     await measure(runs[variant], workload, min(n, 400), min(concurrency, 100))
+                if PIN[0]:
+                    await pin_server_backends(engine)
                 cpu: dict[str, list[float]] = {v: [] for v in names}
                 wall: dict[str, list[float]] = {v: [] for v in names}
                 for index in range(rounds):
@@ -315,8 +346,17 @@ async def main() -> None:
     parser.add_argument(
         "--concurrency", type=int, nargs="+", help=f"instead of {' '.join(map(str, CONCURRENCY))}"
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin this process to one CPU and a local PostgreSQL's backends to the others "
+        "(less noise on a small machine)",
+    )
     args = parser.parse_args()
     RUNNER[0] = args.runner
+    PIN[0] = args.pin
+    if args.pin:
+        pin_self()
     if args.concurrency:
         CONCURRENCY[:] = args.concurrency
     if args.workload:
@@ -330,7 +370,7 @@ async def main() -> None:
     )
     print(
         f"pool: {POOL}; rounds={args.rounds}; requests per measurement={args.requests}; "
-        f"runner={args.runner}"
+        f"runner={args.runner}; pinned={args.pin}"
     )
     print(
         "| database | workload | concurrency | variant | CPU µs/req | CPU ratio (median) | "

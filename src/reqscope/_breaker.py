@@ -119,9 +119,9 @@ class CircuitBreaker:
         Returns:
             True when the admitted call is the half-open probe.
         """
-        state = self.state
-        if state is CircuitState.CLOSED:
+        if self._state is CircuitState.CLOSED:  # the hot path: one comparison
             return False
+        state = self.state
         if state is CircuitState.HALF_OPEN and not self._probing:
             self._probing = True
             return True

@@ -229,7 +229,8 @@ class SessionRegistry:
         bucket[entry.session_id] = entry
         self.sessions_opened += 1
         active = self._active = self._active + 1
-        self.peak_active = max(self.peak_active, active)
+        if active > self.peak_active:  # noqa: PLR1730 - max() is a call on the hot path
+            self.peak_active = active
 
     def discard(self, entry: Entry) -> None:
         """Forget a session (closed or reclaimed); a no-op when already gone."""

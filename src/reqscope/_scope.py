@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 import sys
 import traceback
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 from sqlalchemy.util import greenlet_spawn
@@ -143,11 +143,14 @@ def _anyio_shield(task: asyncio.Task[object]) -> anyio.CancelScope | None:
     reqscope adds to such a request (docs/performance.md). An anyio without these
     internals gets the public ``anyio.CancelScope``: always safe, only slower.
     """
-    backend = sys.modules.get(_ANYIO_ASYNCIO)
-    if backend is None:
-        return None  # anyio's asyncio backend never ran in this process: no anyio scopes
-    states = getattr(backend, "_task_states", None)
-    scope_class = getattr(backend, "CancelScope", None)
+    if not _anyio_backend:
+        backend = sys.modules.get(_ANYIO_ASYNCIO)
+        if backend is None:
+            return None  # anyio's asyncio backend never ran in this process: no anyio scopes
+        _anyio_backend.append(
+            (getattr(backend, "_task_states", None), getattr(backend, "CancelScope", None))
+        )
+    states, scope_class = _anyio_backend[0]
     if states is None or scope_class is None:  # pragma: no cover - a future anyio
         return anyio.CancelScope(shield=True)
     state = states.get(task)
@@ -155,6 +158,10 @@ def _anyio_shield(task: asyncio.Task[object]) -> anyio.CancelScope | None:
         return None
     shield: anyio.CancelScope = scope_class(shield=True)  # what anyio.CancelScope() returns
     return shield
+
+
+# (task states, CancelScope class) of anyio's asyncio backend, once it has been imported.
+_anyio_backend: list[tuple[Any, Any]] = []
 
 
 class SessionScope:
@@ -197,6 +204,8 @@ class SessionScope:
         self._session: AsyncSession | None = None
 
     async def __aenter__(self) -> AsyncSession:
+        # The per-request hot path: everything is inline (a Python call costs as much as
+        # most of what it would wrap).
         if self._session is not None:
             raise RuntimeError("this session scope is already open; call factory.session() again")
         factory = self._factory
@@ -216,14 +225,36 @@ class SessionScope:
         except RuntimeError:  # not running on asyncio
             task = None
         self._loop = None if task is None else task.get_loop()
-        entry = _register(
-            factory,
-            session,
-            ctx,
-            self._lifetime,
-            bypass_tenant=self._bypass,
-            task_name=None if task is None else task.get_name(),
+        session_id = new_id()
+        opened_at = dt.datetime.now(_utc)
+        sync_session = session.sync_session
+        sync_session.info.update(
+            user_id=ctx.user_id,
+            request_id=ctx.request_id,
+            thread_id=ctx.thread_id,
+            run_id=ctx.run_id,
+            session_id=session_id,
+            created_at=opened_at,
+            is_request_scoped=True,
+            factory_managed=True,
         )
+        entry = Entry(
+            session_id,
+            ctx,
+            opened_at,
+            factory.max_session_lifetime if self._lifetime is None else float(self._lifetime),
+            None if task is None else task.get_name(),
+            "".join(traceback.format_stack(limit=25)[:-1]) if factory.capture_stacks else None,
+        )
+        entry.owner = factory
+        if self._bypass:
+            entry.bypass_tenant = True
+        else:
+            policy = factory.tenant
+            if policy is not None:
+                entry.tenant = (policy, ctx.user_id)
+        sync_session._reqscope_entry = entry  # type: ignore[attr-defined]  # noqa: SLF001 - our Session subclass
+        factory._registry.add(entry)  # noqa: SLF001
         self._entry = entry
         self._session = session
         self._previous = _current.get()
@@ -402,42 +433,3 @@ class SessionScope:
         if interrupted and cancelling is not None and cancelling() > before:
             raise asyncio.CancelledError  # a Task.cancel() from elsewhere landed too
         return False
-
-
-def _register(
-    factory: IsolatedSessionFactory,
-    session: AsyncSession,
-    ctx: UserExecutionContext,
-    lifetime: float | None,
-    *,
-    bypass_tenant: bool,
-    task_name: str | None,
-) -> Entry:
-    session_id = new_id()
-    opened_at = dt.datetime.now(_utc)
-    session.sync_session.info.update(
-        user_id=ctx.user_id,
-        request_id=ctx.request_id,
-        thread_id=ctx.thread_id,
-        run_id=ctx.run_id,
-        session_id=session_id,
-        created_at=opened_at,
-        is_request_scoped=True,
-        factory_managed=True,
-    )
-    entry = Entry(
-        session_id,
-        ctx,
-        opened_at,
-        factory.max_session_lifetime if lifetime is None else float(lifetime),
-        task_name,
-        "".join(traceback.format_stack(limit=26)[:-2]) if factory.capture_stacks else None,
-    )
-    entry.owner = factory
-    entry.bypass_tenant = bypass_tenant
-    policy = factory.tenant
-    if policy is not None and not bypass_tenant:
-        entry.tenant = (policy, ctx.user_id)
-    session.sync_session._reqscope_entry = entry  # type: ignore[attr-defined]  # noqa: SLF001 - our Session subclass
-    factory._registry.add(entry)  # noqa: SLF001
-    return entry
