@@ -14,7 +14,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from types import TracebackType
 from typing import Any, Final
@@ -48,6 +48,8 @@ _LONGEST_PLACEHOLDER: Final = max(map(len, PLACEHOLDER_IDS))
 
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _ID_FIELDS: Final = ("user_id", "thread_id", "run_id", "request_id")
+_UTC: Final = dt.timezone.utc
+_now: Final = dt.datetime.now
 _OPTIONAL_ID_FIELDS: Final = ("websocket_client_id", "parent_request_id")
 
 
@@ -138,7 +140,7 @@ def new_id() -> str:
 
 
 def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return _now(_UTC)
 
 
 def _utc(field_name: str, value: object) -> dt.datetime:
@@ -300,17 +302,17 @@ class UserExecutionContext:
         # Every argument is already validated: skip __init__/__post_init__, which would
         # validate it all again (this halves the cost of create() and child()).
         self = object.__new__(cls)
-        set_ = object.__setattr__
-        set_(self, "user_id", user_id)
-        set_(self, "thread_id", thread_id)
-        set_(self, "run_id", run_id)
-        set_(self, "request_id", request_id)
-        set_(self, "websocket_client_id", websocket_client_id)
-        set_(self, "parent_request_id", parent_request_id)
-        set_(self, "operation_depth", operation_depth)
-        set_(self, "created_at", created_at)
-        set_(self, "metadata", metadata)
-        set_(self, "audit_trail", audit_trail)
+        # The slots' own setters: object.__setattr__ would look each name up on the type.
+        _set_user_id(self, user_id)
+        _set_thread_id(self, thread_id)
+        _set_run_id(self, run_id)
+        _set_request_id(self, request_id)
+        _set_websocket_client_id(self, websocket_client_id)
+        _set_parent_request_id(self, parent_request_id)
+        _set_operation_depth(self, operation_depth)
+        _set_created_at(self, created_at)
+        _set_metadata(self, metadata)
+        _set_audit_trail(self, audit_trail)
         return self
 
     def _audited(self, action: str, detail: str, now: dt.datetime) -> tuple[AuditEvent, ...]:
@@ -476,10 +478,38 @@ def _text(value: str | bytes) -> str:
 def _event(at: dt.datetime, action: str, detail: str) -> AuditEvent:
     # Trusted fast path for events reqscope itself records (no re-validation).
     event = object.__new__(AuditEvent)
-    object.__setattr__(event, "at", at)
-    object.__setattr__(event, "action", action)
-    object.__setattr__(event, "detail", detail)
+    _set_at(event, at)
+    _set_action(event, action)
+    _set_detail(event, detail)
     return event
+
+
+def _slot_setters(cls: type, *names: str) -> tuple[Callable[[object, object], None], ...]:
+    """The ``__set__`` of each named slot of ``cls``, for trusted fast construction."""
+    return tuple(vars(cls)[name].__set__ for name in names)
+
+
+_set_at, _set_action, _set_detail = _slot_setters(AuditEvent, "at", "action", "detail")
+(
+    _set_user_id,
+    _set_thread_id,
+    _set_run_id,
+    _set_request_id,
+    _set_websocket_client_id,
+    _set_parent_request_id,
+    _set_operation_depth,
+    _set_created_at,
+    _set_metadata,
+    _set_audit_trail,
+) = _slot_setters(
+    UserExecutionContext,
+    *_ID_FIELDS,
+    *_OPTIONAL_ID_FIELDS,
+    "operation_depth",
+    "created_at",
+    "metadata",
+    "audit_trail",
+)
 
 
 _current: Final[contextvars.ContextVar[UserExecutionContext | None]] = contextvars.ContextVar(

@@ -26,6 +26,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
+from sqlalchemy.util import memoized_property
 
 from reqscope._context import _current
 from reqscope._registry import Entry, EntryState, SessionTags
@@ -76,6 +77,14 @@ class ReqscopeSession(Session):
     """
 
     _reqscope_entry: Entry | None = None
+
+    @memoized_property
+    def info(self) -> dict[Any, Any]:
+        # Made on first use, with the owner tags of a factory-made session: building them
+        # eagerly for every request would cost more than a Python call, for a dict most
+        # requests never read.
+        entry = self._reqscope_entry
+        return {} if entry is None else entry.tags()
 
     def connection(self, *args: Any, **kwargs: Any) -> Connection:
         entry = self._reqscope_entry

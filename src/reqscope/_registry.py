@@ -14,7 +14,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
+
+from reqscope._context import new_id
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -101,11 +103,20 @@ class EntryState(enum.Enum):
     CLOSED = "closed"
 
 
+_ACTIVE: Final = EntryState.ACTIVE
+
+
 class Entry:
-    """The factory's private bookkeeping for one open session."""
+    """The factory's private bookkeeping for one open session.
+
+    The session id and the opening time as a datetime are made on first use (tags, logs,
+    records): most sessions never need them, and each costs about as much as a Python call.
+    """
 
     __slots__ = (
         "__weakref__",
+        "_opened_at",
+        "_session_id",
         "bypass_tenant",
         "connection",
         "connection_guard",
@@ -114,10 +125,9 @@ class Entry:
         "global_",
         "leak_reported",
         "lifetime",
-        "opened_at",
         "opened_mono",
+        "opened_wall",
         "owner",
-        "session_id",
         "stack",
         "state",
         "task_name",
@@ -126,22 +136,23 @@ class Entry:
 
     def __init__(  # noqa: PLR0917 - internal, built in one place
         self,
-        session_id: str,
+        session_id: str | None,
         ctx: UserExecutionContext,
-        opened_at: dt.datetime,
+        opened_at: dt.datetime | None,
         lifetime: float,
         task_name: str | None,
         stack: str | None,
     ) -> None:
-        self.session_id = session_id
+        self._session_id = session_id  # None: a fresh id on first use
         self.ctx = ctx
-        self.opened_at = opened_at
+        self._opened_at = opened_at  # None: from opened_wall on first use
+        self.opened_wall = time.time()
         self.opened_mono = time.monotonic()
         self.lifetime = lifetime
         self.deadline = self.opened_mono + lifetime
         self.task_name = task_name
         self.stack = stack
-        self.state = EntryState.ACTIVE
+        self.state = _ACTIVE
         self.global_ = False
         self.leak_reported = False
         # The connection of the session's latest transaction (set in after_begin; None
@@ -153,6 +164,38 @@ class Entry:
         self.bypass_tenant = False
         # (policy, user id) this session is confined to; None without a policy or in bypass.
         self.tenant: tuple[TenantPolicy, str] | None = None
+
+    @property
+    def session_id(self) -> str:
+        """The session's id: 32 random hex digits, fixed on first use."""
+        session_id = self._session_id
+        if session_id is None:
+            session_id = self._session_id = new_id()
+        return session_id
+
+    @property
+    def opened_at(self) -> dt.datetime:
+        """When the session was opened (UTC)."""
+        opened_at = self._opened_at
+        if opened_at is None:
+            opened_at = self._opened_at = dt.datetime.fromtimestamp(
+                self.opened_wall, dt.timezone.utc
+            )
+        return opened_at
+
+    def tags(self) -> dict[str, Any]:
+        """The ``session.info`` keys that say who owns the session."""
+        ctx = self.ctx
+        return {
+            "user_id": ctx.user_id,
+            "request_id": ctx.request_id,
+            "thread_id": ctx.thread_id,
+            "run_id": ctx.run_id,
+            "session_id": self.session_id,
+            "created_at": self.opened_at,
+            "is_request_scoped": not self.global_,
+            "factory_managed": True,
+        }
 
     def age(self, now: float | None = None) -> float:
         """Seconds since the session was opened."""
@@ -205,8 +248,8 @@ class SessionRegistry:
     )
 
     def __init__(self) -> None:
-        self._buckets: dict[float, OrderedDict[str, Entry]] = {}
-        self._reported: dict[str, Entry] = {}
+        self._buckets: dict[float, OrderedDict[Entry, Entry]] = {}
+        self._reported: dict[Entry, Entry] = {}
         self._active = 0
         self.sessions_opened = 0
         self.sessions_closed = 0
@@ -226,7 +269,7 @@ class SessionRegistry:
         bucket = self._buckets.get(entry.lifetime)
         if bucket is None:
             bucket = self._buckets[entry.lifetime] = OrderedDict()
-        bucket[entry.session_id] = entry
+        bucket[entry] = entry
         self.sessions_opened += 1
         active = self._active = self._active + 1
         if active > self.peak_active:  # noqa: PLR1730 - max() is a call on the hot path
@@ -235,12 +278,12 @@ class SessionRegistry:
     def discard(self, entry: Entry) -> None:
         """Forget a session (closed or reclaimed); a no-op when already gone."""
         bucket = self._buckets.get(entry.lifetime)
-        if bucket is not None and bucket.pop(entry.session_id, None) is not None:
+        if bucket is not None and bucket.pop(entry, None) is not None:
             self._active -= 1
             if not bucket and len(self._buckets) > 1:
                 del self._buckets[entry.lifetime]
             return
-        if self._reported.pop(entry.session_id, None) is not None:
+        if self._reported.pop(entry, None) is not None:
             self._active -= 1
 
     def pop_expired(self, now: float) -> Iterator[Entry]:
@@ -256,8 +299,8 @@ class SessionRegistry:
 
     def keep_reported(self, entry: Entry) -> None:
         """Keep a reported, unreclaimed leak as active without scanning it again."""
-        if entry.session_id not in self._reported:
-            self._reported[entry.session_id] = entry
+        if entry not in self._reported:
+            self._reported[entry] = entry
             self._active += 1
 
     def entries(self) -> Iterator[Entry]:

@@ -14,7 +14,6 @@ is one shared timer (:class:`CleanupWatchdog`) instead of one timer per scope.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import sys
 import traceback
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 from sqlalchemy.util import greenlet_spawn
 
-from reqscope._context import UserExecutionContext, _current, current_context, new_id
+from reqscope._context import UserExecutionContext, _current, current_context
 from reqscope._enforcement import _invalidate
 from reqscope._leaks import LeakDetector
 from reqscope._registry import Entry, EntryState
@@ -40,7 +39,6 @@ __all__ = ["CleanupWatchdog", "SessionScope"]
 logger = logging.getLogger("reqscope")
 
 _ACTIVE = EntryState.ACTIVE
-_utc = dt.timezone.utc
 
 
 class TaskDeadline:
@@ -225,23 +223,10 @@ class SessionScope:
         except RuntimeError:  # not running on asyncio
             task = None
         self._loop = None if task is None else task.get_loop()
-        session_id = new_id()
-        opened_at = dt.datetime.now(_utc)
-        sync_session = session.sync_session
-        sync_session.info.update(
-            user_id=ctx.user_id,
-            request_id=ctx.request_id,
-            thread_id=ctx.thread_id,
-            run_id=ctx.run_id,
-            session_id=session_id,
-            created_at=opened_at,
-            is_request_scoped=True,
-            factory_managed=True,
-        )
         entry = Entry(
-            session_id,
+            None,
             ctx,
-            opened_at,
+            None,
             factory.max_session_lifetime if self._lifetime is None else float(self._lifetime),
             None if task is None else task.get_name(),
             "".join(traceback.format_stack(limit=25)[:-1]) if factory.capture_stacks else None,
@@ -253,7 +238,10 @@ class SessionScope:
             policy = factory.tenant
             if policy is not None:
                 entry.tenant = (policy, ctx.user_id)
+        sync_session = session.sync_session
         sync_session._reqscope_entry = entry  # type: ignore[attr-defined]  # noqa: SLF001 - our Session subclass
+        if "info" in sync_session.__dict__:  # made already (info= given): tag it now
+            sync_session.info.update(entry.tags())
         factory._registry.add(entry)  # noqa: SLF001
         self._entry = entry
         self._session = session
