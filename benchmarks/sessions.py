@@ -11,6 +11,9 @@ noise floor. Rounds interleave the variants and
 rotate their order; the table shows the median of per-round paired ratios and their
 interquartile range. On a 2-core machine shared with the database server a single round's
 ratio moves by ±10 %, so use many short rounds (``--rounds 31 --requests 300``) to resolve 5 %.
+``--runner asyncio`` (default) runs each request in a task of its own, as ASGI servers do;
+``--runner anyio`` runs them in task-group workers, inside anyio cancel scopes. ``--pin``
+puts this process on one CPU and a local PostgreSQL's backends on the others.
 
 Also measured: one leak-detector pass over 10,000 open, unexpired sessions, and RSS growth
 over 200,000 session scopes.
@@ -177,6 +180,11 @@ async def pin_server_backends(engine: AsyncEngine) -> None:
                 )
             )
         ).all()
+    pin_elsewhere(list(pids))
+
+
+def pin_elsewhere(pids: list[int]) -> None:
+    """Run the ``postgres`` processes among ``pids`` on the CPUs this process does not use."""
     others = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
     for pid in pids:
         comm = Path(f"/proc/{pid}/comm")
@@ -326,6 +334,14 @@ async def rss_growth(scopes: int) -> tuple[float, float]:
         return before, rss_mb()
 
 
+def apply_options(args: argparse.Namespace) -> None:
+    """Set the module-level options (runner, pinning) from the command line."""
+    RUNNER[0] = args.runner
+    PIN[0] = args.pin
+    if args.pin:
+        pin_self()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
@@ -353,10 +369,7 @@ async def main() -> None:
         "(less noise on a small machine)",
     )
     args = parser.parse_args()
-    RUNNER[0] = args.runner
-    PIN[0] = args.pin
-    if args.pin:
-        pin_self()
+    apply_options(args)
     if args.concurrency:
         CONCURRENCY[:] = args.concurrency
     if args.workload:

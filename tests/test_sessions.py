@@ -68,15 +68,15 @@ async def test_session_is_a_real_tagged_async_session(factory, alice) -> None:
 async def test_tags_agree_with_the_registry_and_survive_an_info_argument(alice) -> None:
     # Tags are made on first use: the id and opening time they show must be the ones the
     # registry reports, and a session made with info= must get them on top of its own keys.
-    async with IsolatedSessionFactory(session_kwargs={"info": {"team": "blue"}}) as factory:
-        async with factory.session(alice) as session:
-            (record,) = factory.active_sessions()
-            assert session.info["team"] == "blue"
-            tags = session_tags(session)
-            assert tags.session_id == record.session_id
-            assert tags.created_at == record.opened_at
-            assert tags.user_id == alice.user_id
-            assert tags.is_request_scoped
+    factory = IsolatedSessionFactory(session_kwargs={"info": {"team": "blue"}})
+    async with factory, factory.session(alice) as session:
+        (record,) = factory.active_sessions()
+        assert session.info["team"] == "blue"
+        tags = session_tags(session)
+        assert tags.session_id == record.session_id
+        assert tags.created_at == record.opened_at
+        assert tags.user_id == alice.user_id
+        assert tags.is_request_scoped
 
 
 async def test_every_scope_gets_a_new_session(factory, alice) -> None:
