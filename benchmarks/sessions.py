@@ -135,20 +135,17 @@ async def measure(run, workload: Workload, requests: int, concurrency: int) -> t
     per_worker = max(1, requests // concurrency)
     total = per_worker * concurrency
     loop = asyncio.get_running_loop()
+    own_task = RUNNER[0] == "asyncio"
 
     async def worker(index: int) -> None:
         user = f"user-{index % 100}"
         for _ in range(per_worker):
-            await run(workload, user)
-
-    async def spawner(index: int) -> None:
-        user = f"user-{index % 100}"
-        for _ in range(per_worker):
-            await loop.create_task(run(workload, user))
+            request = run(workload, user)
+            await (loop.create_task(request) if own_task else request)
 
     cpu, wall = time.process_time(), time.perf_counter()
-    if RUNNER[0] == "asyncio":
-        await asyncio.gather(*(spawner(index) for index in range(concurrency)))
+    if own_task:
+        await asyncio.gather(*(worker(index) for index in range(concurrency)))
     else:
         async with anyio.create_task_group() as group:
             for index in range(concurrency):
@@ -267,6 +264,8 @@ async def bench_tenant(name: str, url: str, rounds: int, requests: int) -> None:
         for concurrency in (1, 100):
             for variant in names:
                 await measure(runs[variant], select_one, 400, min(concurrency, 100))
+            if PIN[0]:
+                await pin_server_backends(engine)
             cpu: dict[str, list[float]] = {v: [] for v in names}
             for index in range(rounds):
                 for variant in names[index % 3 :] + names[: index % 3]:

@@ -48,9 +48,8 @@ _LONGEST_PLACEHOLDER: Final = max(map(len, PLACEHOLDER_IDS))
 
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _ID_FIELDS: Final = ("user_id", "thread_id", "run_id", "request_id")
-_UTC: Final = dt.timezone.utc
-_now: Final = dt.datetime.now
 _OPTIONAL_ID_FIELDS: Final = ("websocket_client_id", "parent_request_id")
+_UTC: Final = dt.timezone.utc
 
 
 def validate_id(field_name: str, value: object) -> str:
@@ -140,7 +139,7 @@ def new_id() -> str:
 
 
 def _utcnow() -> dt.datetime:
-    return _now(_UTC)
+    return dt.datetime.now(_UTC)
 
 
 def _utc(field_name: str, value: object) -> dt.datetime:

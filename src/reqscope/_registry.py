@@ -185,13 +185,8 @@ class Entry:
 
     def tags(self) -> dict[str, Any]:
         """The ``session.info`` keys that say who owns the session."""
-        ctx = self.ctx
         return {
-            "user_id": ctx.user_id,
-            "request_id": ctx.request_id,
-            "thread_id": ctx.thread_id,
-            "run_id": ctx.run_id,
-            "session_id": self.session_id,
+            **self.log_fields(),  # the session id and the context's four ids
             "created_at": self.opened_at,
             "is_request_scoped": not self.global_,
             "factory_managed": True,
