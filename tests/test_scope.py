@@ -8,7 +8,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from reqscope._scope import CleanupWatchdog, TaskDeadline, _anyio_shield
+from reqscope._scope import CleanupWatchdog, _anyio_shield
 
 pytestmark = pytest.mark.anyio
 
@@ -97,9 +97,10 @@ async def test_only_tasks_inside_an_anyio_scope_get_a_shield() -> None:
         assert shield.shield, name
 
 
-async def test_a_task_deadline_cuts_again_when_the_first_cut_is_swallowed() -> None:
+async def test_a_watched_task_is_cut_again_when_the_first_cut_is_swallowed() -> None:
     watchdog = CleanupWatchdog()
     cuts = 0
+    sent: list[int] = []
 
     async def cleanup() -> None:
         nonlocal cuts
@@ -111,14 +112,24 @@ async def test_a_task_deadline_cuts_again_when_the_first_cut_is_swallowed() -> N
             await asyncio.sleep(10)
         except asyncio.CancelledError:
             cuts += 1
-        watchdog.unwatch(deadline)
-        assert deadline.sent == 2
+        sent.append(watchdog.unwatch(task))
 
     task = asyncio.get_running_loop().create_task(cleanup())
-    deadline = TaskDeadline(task, 0.05)
-    watchdog.watch(deadline, 0.05)
+    watchdog.watch(task, 0.05)
     started = anyio.current_time()
     await task
     assert cuts == 2
+    assert sent == [2]  # unwatch says how many cancellations the watchdog sent
     assert anyio.current_time() - started < 5
+    assert len(watchdog) == 0
+    assert watchdog.unwatch(task) == 0  # and forgets them
+
+
+async def test_an_unwatched_task_in_time_was_never_cut() -> None:
+    watchdog = CleanupWatchdog()
+    task = asyncio.current_task()
+    assert task is not None
+    watchdog.watch(task, 5)
+    await asyncio.sleep(0)
+    assert watchdog.unwatch(task) == 0
     assert len(watchdog) == 0

@@ -418,6 +418,44 @@ async def test_a_hung_cleanup_is_cut_at_cleanup_timeout(
         assert len(factory._cleanup_watchdog) == 0
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
+async def test_a_close_that_raises_is_logged_and_its_connection_invalidated(
+    database, alice, monkeypatch, caplog, runner
+) -> None:
+    from reqscope import ReqscopeSession
+
+    real_close = ReqscopeSession.close
+    failed: list[bool] = []
+
+    def failing_close(session) -> None:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("driver fell over while resetting the connection")
+        real_close(session)
+
+    monkeypatch.setattr(ReqscopeSession, "close", failing_close)
+    deadline_cleanups = count_deadline_cleanups(monkeypatch)
+    caplog.set_level(logging.ERROR, logger="reqscope")
+    async with IsolatedSessionFactory(database.url) as factory:
+
+        async def request() -> None:
+            async with factory.session(alice) as session:
+                await session.execute(text("SELECT 1"))
+
+        await run_as(runner, request)  # the request itself does not fail
+        assert failed == [True]
+        assert bool(deadline_cleanups) is (runner == "asyncio task")
+        assert factory.metrics().cleanup_failures == 1
+        assert_clean(factory)  # invalidated: the slot is free, never returned half-reset
+        [record] = [r for r in caplog.records if "failed; invalidating" in r.getMessage()]
+        assert record.exc_info is not None
+        assert "driver fell over" in str(record.exc_info[1])
+        assert record.user_id == alice.user_id  # type: ignore[attr-defined]
+        async with factory.session(alice) as session:
+            assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+        assert len(factory._cleanup_watchdog) == 0
+
+
 def swallowing_close(monkeypatch: pytest.MonkeyPatch, cut: asyncio.Event) -> None:
     """Make the next close hang, swallow its first cancellation, and hang again."""
     from sqlalchemy.util import await_only

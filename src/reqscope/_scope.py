@@ -28,6 +28,7 @@ from reqscope._leaks import LeakDetector
 from reqscope._registry import Entry, EntryState
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
     from types import TracebackType
 
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -41,49 +42,34 @@ logger = logging.getLogger("reqscope")
 _ACTIVE = EntryState.ACTIVE
 
 
-class TaskDeadline:
-    """Cuts a cleanup that no anyio cancel scope can reach, with ``Task.cancel()``.
-
-    A cleanup runs in an anyio shield only when an anyio cancel scope encloses its task
-    (:func:`_anyio_shield`); elsewhere nothing but ``Task.cancel()`` can interrupt it, and
-    this is the bound: the watchdog calls :meth:`cancel` at the deadline and again every
-    ``interval`` seconds until the cleanup ends (a driver may swallow one cancellation).
-    """
-
-    __slots__ = ("interval", "sent", "task")
-
-    def __init__(self, task: asyncio.Task[object], interval: float) -> None:
-        self.task = task
-        self.interval = interval
-        self.sent = 0
-
-    def cancel(self) -> float:
-        """Cancel the task; return when to do it again if the cleanup is still running."""
-        self.sent += 1
-        self.task.cancel()
-        return self.interval
-
-
 class CleanupWatchdog:
     """Cancels cleanups that outlive their deadline, with one timer for all.
 
     A cancel scope with its own deadline arms and cancels an event-loop timer per request,
     which costs more than everything else reqscope adds to a request. Cleanups instead
-    register here (an anyio shield scope, or a :class:`TaskDeadline`); a single timer, armed
-    only while some cleanup is in progress, fires at the earliest deadline and cancels what
-    is overdue.
+    register here; a single timer, armed only while some cleanup is in progress, fires at
+    the earliest deadline and cancels what is overdue. Two kinds of cleanup register:
+
+    - an anyio shield scope (the cleanup runs inside an anyio cancel scope): cancelled once,
+      which anyio keeps delivering until the scope exits;
+    - an asyncio task (no anyio scope can reach it, :func:`_anyio_shield`): only
+      ``Task.cancel()`` can interrupt it, so the watchdog cancels the task at the deadline
+      and again every ``timeout`` seconds until it is unwatched (a driver may swallow one
+      cancellation); :meth:`unwatch` says how many cancellations it sent.
     """
 
-    __slots__ = ("_handle", "_loop", "_pending")
+    __slots__ = ("_cuts", "_handle", "_loop", "_pending")
 
     def __init__(self) -> None:
-        self._pending: dict[anyio.CancelScope | TaskDeadline, float] = {}
+        # scope or task -> (deadline on the loop's clock, timeout)
+        self._pending: dict[anyio.CancelScope | asyncio.Task[Any], tuple[float, float]] = {}
+        self._cuts: dict[asyncio.Task[Any], int] = {}  # tasks cancelled while watched
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def watch(
         self,
-        scope: anyio.CancelScope | TaskDeadline,
+        scope: anyio.CancelScope | asyncio.Task[Any],
         timeout: float,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
@@ -99,14 +85,22 @@ class CleanupWatchdog:
             if self._handle is not None:
                 self._handle.cancel()
             self._pending.clear()
+            self._cuts.clear()
             self._loop, self._handle = loop, None
-        self._pending[scope] = deadline
+        self._pending[scope] = (deadline, timeout)
         if self._handle is None:
             self._handle = loop.call_at(deadline, self._expire)
 
-    def unwatch(self, scope: anyio.CancelScope | TaskDeadline) -> None:
-        """Stop watching ``scope`` (its cleanup finished)."""
+    def unwatch(self, scope: anyio.CancelScope | asyncio.Task[Any]) -> int:
+        """Stop watching ``scope`` (its cleanup finished).
+
+        Returns:
+            How many times the watchdog cancelled the task ``scope`` while it was watched
+            (0 for a scope: its ``cancel_called`` says).
+        """
         self._pending.pop(scope, None)
+        cuts = self._cuts
+        return cuts.pop(scope, 0) if cuts else 0  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -117,15 +111,17 @@ class CleanupWatchdog:
         self._handle = None
         now = loop.time()
         pending = self._pending
-        overdue = [scope for scope, deadline in pending.items() if deadline <= now]
-        for scope in overdue:
-            if isinstance(scope, TaskDeadline):
-                pending[scope] = now + scope.cancel()  # until unwatched
+        overdue = [(scope, timeout) for scope, (at, timeout) in pending.items() if at <= now]
+        for scope, timeout in overdue:
+            if isinstance(scope, asyncio.Task):
+                self._cuts[scope] = self._cuts.get(scope, 0) + 1
+                pending[scope] = (now + timeout, timeout)  # again, until unwatched
+                scope.cancel()
             else:
                 del pending[scope]
                 scope.cancel()  # anyio keeps delivering it until the scope exits
         if pending:
-            self._handle = loop.call_at(min(pending.values()), self._expire)
+            self._handle = loop.call_at(min(at for at, _ in pending.values()), self._expire)
 
 
 _ANYIO_ASYNCIO: Final = "anyio._backends._asyncio"
@@ -292,7 +288,7 @@ class SessionScope:
         registry = factory._registry  # noqa: SLF001
         try:
             if entry.state is not EntryState.RECLAIMED:
-                clean = await self._close_shielded()
+                clean = await self._cleanup()
                 entry.state = EntryState.CLOSED
                 if not clean:
                     await factory._invalidate_gracefully(conn)  # noqa: SLF001
@@ -326,34 +322,39 @@ class SessionScope:
         if entry.leak_reported:
             LeakDetector.log_late_close(entry)
 
-    async def _close_shielded(self) -> bool:
+    def _cleanup(self) -> Coroutine[Any, Any, bool]:
         """Roll back and return the connection, shielded, within ``cleanup_timeout``.
 
-        Returns:
-            Whether it completed; if not, the caller invalidates the connection.
+        Returns the coroutine that does it, for the caller to await (one coroutine frame
+        less per request than awaiting it here). It returns whether the cleanup completed;
+        if not, the caller invalidates the connection.
         """
         loop = self._loop
         # current_task(loop) is the exiting task without get_running_loop()'s system call.
         task = None if loop is None else asyncio.current_task(loop)
         if task is None:
-            return await self._close_in_shield(anyio.CancelScope(shield=True), loop)
+            return self._close_in_shield(anyio.CancelScope(shield=True), loop)
         shield = _anyio_shield(task)
         if shield is None:
-            return await self._close_with_deadline(task, loop)
-        return await self._close_in_shield(shield, loop)
+            return self._close_with_deadline(task, loop)
+        return self._close_in_shield(shield, loop)
 
     async def _close(self) -> bool:
         try:
             await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
-        except Exception:
-            self._factory._registry.cleanup_failures += 1  # noqa: SLF001
-            logger.exception(
-                "reqscope: closing session %s failed; invalidating its connection",
-                self._entry.session_id,
-                extra=self._entry.log_fields(),
-            )
+        except Exception as error:
+            self._close_failed(error)
             return False
         return True
+
+    def _close_failed(self, error: Exception) -> None:
+        self._factory._registry.cleanup_failures += 1  # noqa: SLF001
+        logger.error(
+            "reqscope: closing session %s failed; invalidating its connection",
+            self._entry.session_id,
+            exc_info=error,
+            extra=self._entry.log_fields(),
+        )
 
     def _log_overdue(self) -> None:
         factory = self._factory
@@ -385,39 +386,41 @@ class SessionScope:
         return clean
 
     async def _close_with_deadline(
-        self, task: asyncio.Task[object], loop: asyncio.AbstractEventLoop | None
+        self, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop | None
     ) -> bool:
         """Close in a task no anyio scope can cancel, cut by ``Task.cancel()`` when overdue.
 
-        The deadline's cancellations are taken back (``Task.uncancel()``) once the cleanup
+        The watchdog's cancellations are taken back (``Task.uncancel()``) once the cleanup
         ends, so the task is left as it was; a ``Task.cancel()`` from elsewhere that landed
-        meanwhile still propagates, exactly as it does through an anyio shield.
+        meanwhile still propagates, exactly as it does through an anyio shield. (The close
+        is inline rather than a call to :meth:`_close`: this is the path of every request
+        in a plain asyncio task.)
         """
         factory = self._factory
         watchdog = factory._cleanup_watchdog  # noqa: SLF001
-        timeout = factory.cleanup_timeout
-        deadline = TaskDeadline(task, timeout)
         cancelling = getattr(task, "cancelling", None)  # both Python 3.11+
-        uncancel = getattr(task, "uncancel", None)
         before = 0 if cancelling is None else cancelling()
-        watchdog.watch(deadline, timeout, loop)
+        clean = False
+        cancelled: asyncio.CancelledError | None = None
+        watchdog.watch(task, factory.cleanup_timeout, loop)
         try:
-            clean = await self._close()
-        except asyncio.CancelledError:
-            if not deadline.sent:
-                raise  # not ours: the caller invalidates and lets it propagate
-            clean = False
-            interrupted = True
-        else:
-            interrupted = False
+            await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
+            clean = True
+        except asyncio.CancelledError as error:
+            cancelled = error
+        except Exception as error:
+            self._close_failed(error)
         finally:
-            watchdog.unwatch(deadline)
-        if not deadline.sent:
+            cuts = watchdog.unwatch(task)
+        if not cuts:
+            if cancelled is not None:
+                raise cancelled  # not the watchdog's: the caller invalidates, it propagates
             return clean
+        uncancel = getattr(task, "uncancel", None)
         if uncancel is not None:
-            for _ in range(deadline.sent):
+            for _ in range(cuts):
                 uncancel()
         self._log_overdue()
-        if interrupted and cancelling is not None and cancelling() > before:
+        if cancelled is not None and cancelling is not None and cancelling() > before:
             raise asyncio.CancelledError  # a Task.cancel() from elsewhere landed too
         return False
