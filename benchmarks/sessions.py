@@ -8,9 +8,12 @@ The plain variants run on an engine of their own that reqscope never touched, wi
 settings (pool, driver, pre-ping) as the factory's: only reqscope's code differs.
 "plain-again" is a second run of the plain variant under another name: its ratio is the
 noise floor. Rounds interleave the variants and
-rotate their order; the table shows the median of per-round paired ratios and their
-interquartile range. On a 2-core machine shared with the database server a single round's
-ratio moves by ±10 %, so use many short rounds (``--rounds 31 --requests 300``) to resolve 5 %.
+rotate their order; the table shows the median of per-round paired ratios, a 95 %
+confidence interval for that median (distribution-free: order statistics of the ratios),
+and their interquartile range. On a 2-core virtual machine shared with the database server
+one round's ratio moves by ±10 % or more (so does a pure-Python loop's CPU time), so resolve
+5 % with many short rounds: ``--rounds 301 --requests 40`` (a round measures at least
+``concurrency`` requests per variant) gives a CI about ±2.5 % wide at concurrency 1 and 100.
 ``--runner asyncio`` (default) runs each request in a task of its own, as ASGI servers do;
 ``--runner anyio`` runs them in task-group workers, inside anyio cancel scopes. ``--pin``
 puts this process on one CPU and a local PostgreSQL's backends on the others.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import platform
 import statistics
@@ -116,6 +120,22 @@ def variants(plain_engine: AsyncEngine, factory: IsolatedSessionFactory):
     }
 
 
+def median_ci(ratios: list[float]) -> str:
+    """A 95 % confidence interval for the median of ``ratios``, from their order statistics.
+
+    Distribution-free (the count of ratios below the true median is binomial(n, 1/2)), so
+    it holds for the skewed, heavy-tailed ratios a shared machine produces.
+    """
+    n = len(ratios)
+    if n < 6:  # below 6 samples no pair of order statistics covers 95 %
+        return "n/a"
+    ordered = sorted(ratios)
+    half_width = 1.96 * math.sqrt(n) / 2
+    low = max(0, math.floor(n / 2 - half_width) - 1)
+    high = min(n - 1, math.ceil(n / 2 + half_width) - 1)
+    return f"{ordered[low]:.3f} to {ordered[high]:.3f}"
+
+
 def spread(ratios: list[float]) -> str:
     """The interquartile range of per-round ratios (min to max below 4 rounds)."""
     if len(ratios) < 4:
@@ -203,7 +223,7 @@ async def bench_database(name: str, url: str, rounds: int, requests: int) -> lis
         names = list(runs)
         for label, workload in WORKLOADS.items():
             for concurrency in CONCURRENCY:
-                n = max(requests, concurrency * 2)
+                n = max(requests, concurrency)
                 for variant in names:  # warm up: fill the pool, cache statements
                     await measure(runs[variant], workload, min(n, 400), min(concurrency, 100))
                 if PIN[0]:
@@ -223,6 +243,7 @@ async def bench_database(name: str, url: str, rounds: int, requests: int) -> lis
                         f"| {name} | {label} | {concurrency} | {variant} | "
                         f"{statistics.median(cpu[variant]):.0f} | "
                         f"{statistics.median(ratios):.3f} | "
+                        f"{median_ci(ratios)} | "
                         f"{spread(ratios)} | "
                         f"{statistics.median(wall[variant]):.3f} | "
                         f"{statistics.median(wall_ratios):.3f} |"
@@ -277,7 +298,7 @@ async def bench_tenant(name: str, url: str, rounds: int, requests: int) -> None:
                 print(
                     f"| {name} | ORM select, tenant model | {concurrency} | {variant} | "
                     f"{statistics.median(cpu[variant]):.0f} | {statistics.median(ratios):.3f} | "
-                    f"{spread(ratios)} | | |",
+                    f"{median_ci(ratios)} | {spread(ratios)} | | |",
                     flush=True,
                 )
     async with engine.begin() as conn:
@@ -386,9 +407,9 @@ async def main() -> None:
     )
     print(
         "| database | workload | concurrency | variant | CPU µs/req | CPU ratio (median) | "
-        "ratio IQR | wall ms/req | wall ratio |"
+        "95 % CI | ratio IQR | wall ms/req | wall ratio |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     full = not (args.only_memory or args.only_tenant)
     with tempfile.TemporaryDirectory() as tmp:
         sqlite = f"sqlite+aiosqlite:///{Path(tmp) / 'bench.sqlite3'}"

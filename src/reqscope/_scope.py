@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Coroutine
     from types import TracebackType
 
+    from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import AsyncSession
 
     from reqscope._sessions import IsolatedSessionFactory
@@ -245,82 +246,106 @@ class SessionScope:
         self._token = _current.set(ctx)
         return session
 
-    async def __aexit__(
+    def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
-        factory = self._factory
-        session = self._session
-        assert session is not None  # noqa: S101 - __aenter__ ran
-        error = exc
+    ) -> Coroutine[Any, Any, bool]:
+        # Not a coroutine itself: it returns the one that closes the scope, so a request's
+        # exit runs one coroutine frame less, which every resumption after an I/O wait
+        # would pass through again (docs/performance.md).
+        if self._begin and exc is None:
+            return self._commit_and_release()
+        return self._release(exc)
+
+    async def _commit_and_release(self) -> bool:
+        """``factory.begin(ctx)`` ending without an error: commit, then release."""
+        error: BaseException | None = None
         try:
-            if self._begin and error is None:
-                try:
-                    await session.commit()
-                except Exception as commit_error:
-                    # SQLAlchemy rolled the transaction back: the connection is reusable.
-                    error = commit_error
-                    raise
-                except BaseException as commit_error:
-                    # Interrupted mid-commit: the outcome is unknown, so never report
-                    # success, and never trust the connection again.
-                    error = commit_error
-                    await factory._invalidate_gracefully(self._entry.connection)  # noqa: SLF001
-                    raise
+            await self._session.commit()  # type: ignore[union-attr]
+        except Exception as commit_error:
+            # SQLAlchemy rolled the transaction back: the connection is reusable.
+            error = commit_error
+            raise
+        except BaseException as commit_error:
+            # Interrupted mid-commit: the outcome is unknown, so never report success,
+            # and never trust the connection again.
+            error = commit_error
+            await self._factory._invalidate_gracefully(self._entry.connection)  # noqa: SLF001
+            raise
         finally:
-            await self._release(error)
+            if error is not None:  # the commit's own error propagates as it is
+                await self._release(error, translate=False)
+        return await self._release(None)
+
+    async def _release(self, error: BaseException | None, *, translate: bool = True) -> bool:
+        """Close the session, unregister it, restore the previous context; ``__aexit__``.
+
+        ``error`` (the block's exception) is raised as its reqscope translation, if it has
+        one, when ``translate``.
+        """
+        factory = self._factory
+        entry = self._entry
+        registry = factory._registry  # noqa: SLF001
+        try:
+            conn = entry.connection  # the latest transaction's connection, if it had one
+            try:
+                if entry.state is not EntryState.RECLAIMED:
+                    clean = await self._cleanup()
+                    entry.state = EntryState.CLOSED
+                    if not clean:
+                        await factory._invalidate_gracefully(conn)  # noqa: SLF001
+                else:
+                    await factory._invalidate_gracefully(conn)  # noqa: SLF001
+            except BaseException:
+                # The shield stops anyio cancellation, not asyncio's Task.cancel():
+                # interrupted half-way, the connection is invalidated (never returned
+                # half-cleaned), through the driver's graceful close unless that is
+                # interrupted too.
+                entry.state = EntryState.CLOSED
+                registry.cleanup_failures += 1
+                try:
+                    await factory._invalidate_gracefully(conn)  # noqa: SLF001
+                finally:
+                    if conn is not None:
+                        _invalidate(conn)  # a no-op once the graceful path finished
+                    if self._probe:
+                        factory.circuit_breaker.release_probe()
+                raise
+            finally:
+                entry.connection = None
+                registry.discard(entry)
+                registry.sessions_closed += 1
+            if error is not None or self._probe or entry.leak_reported:
+                self._settle(error, conn)
+        finally:
             try:
                 _current.reset(self._token)
             except ValueError:  # exited in another contextvars.Context than it was entered
                 _current.set(self._previous)
-        if error is not None:
-            translated = factory._translate(error)  # noqa: SLF001
-            if translated is not error:
-                raise translated from error
+        if translate and error is not None:
+            self._raise_translated(error)
         return False
 
-    async def _release(self, error: BaseException | None) -> None:
+    def _raise_translated(self, error: BaseException) -> None:
+        """Raise the block's ``error`` as reqscope's error for it, if it has one."""
+        translated = self._factory._translate(error)  # noqa: SLF001
+        if translated is not error:
+            raise translated from error
+
+    def _settle(self, error: BaseException | None, conn: Connection | None) -> None:
+        """After a release: count a failure, tell the breaker, follow up a reported leak."""
         factory = self._factory
-        entry = self._entry
-        conn = entry.connection  # the latest transaction's connection, if it ever had one
-        registry = factory._registry  # noqa: SLF001
-        try:
-            if entry.state is not EntryState.RECLAIMED:
-                clean = await self._cleanup()
-                entry.state = EntryState.CLOSED
-                if not clean:
-                    await factory._invalidate_gracefully(conn)  # noqa: SLF001
-            else:
-                await factory._invalidate_gracefully(conn)  # noqa: SLF001
-        except BaseException:
-            # The shield stops anyio cancellation, not asyncio's Task.cancel(): interrupted
-            # half-way, the connection is invalidated (never returned half-cleaned), through
-            # the driver's graceful close unless that is interrupted too.
-            entry.state = EntryState.CLOSED
-            registry.cleanup_failures += 1
-            try:
-                await factory._invalidate_gracefully(conn)  # noqa: SLF001
-            finally:
-                if conn is not None:
-                    _invalidate(conn)  # a no-op once the graceful path finished
-                if self._probe:
-                    factory.circuit_breaker.release_probe()
-            raise
-        finally:
-            entry.connection = None
-            registry.discard(entry)
-            registry.sessions_closed += 1
         if error is not None:
-            registry.sessions_failed += 1
+            factory._registry.sessions_failed += 1  # noqa: SLF001
             breaker = factory.circuit_breaker
             if not breaker.observe(error) and self._probe:
                 breaker.release_probe()
         elif self._probe and conn is None:
             factory.circuit_breaker.release_probe()  # the probe never reached the database
-        if entry.leak_reported:
-            LeakDetector.log_late_close(entry)
+        if self._entry.leak_reported:
+            LeakDetector.log_late_close(self._entry)
 
     def _cleanup(self) -> Coroutine[Any, Any, bool]:
         """Roll back and return the connection, shielded, within ``cleanup_timeout``.
