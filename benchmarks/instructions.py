@@ -1,7 +1,7 @@
 """Instructions per request, reqscope vs plain, counted by valgrind (deterministic).
 
     python benchmarks/instructions.py [--postgres URL] [--requests 1000] [--workload tenant]
-                                      [--concurrency 1] [--skip-sqlite] [--no-gc]
+                                      [--concurrency 1] [--skip-sqlite] [--no-gc] [--cache-sim]
 
 CPU time on a small shared machine moves by ±10 % between rounds (see sessions.py), so a
 few-percent difference is hard to resolve there. ``valgrind --tool=callgrind`` counts the
@@ -12,7 +12,9 @@ through a ``TenantPolicy(rls=False)``) at ``--concurrency`` (default 1; pool 20)
 variant in a process of its own; a run with zero requests is subtracted, so start-up does
 not count. The plain variant uses an engine reqscope never touched. Instruction counts
 ignore cache misses and system calls, so their ratio is not the CPU-time ratio; it is the
-stable measure of how much work reqscope's own code adds.
+stable measure of how much work reqscope's own code adds. ``--cache-sim`` adds valgrind's
+simulated cache misses and mispredicted branches per request. "context given" is reqscope
+with the request's context made beforehand (the session scope alone).
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ async def run_variant(
     maker = async_sessionmaker(plain_engine, expire_on_commit=False)
     tenant = TenantPolicy(rls=False) if workload == "tenant" else None
     slots = asyncio.Semaphore(concurrency)
+    # "given": the request's context made beforehand (as middleware would have made it).
+    contexts = {f"user-{i}": UserExecutionContext.create(f"user-{i}") for i in range(100)}
 
     async def request(n: int) -> None:
         async with slots:
@@ -75,7 +79,8 @@ async def run_variant(
                         query = select(TenantRow).where(TenantRow.user_id == user).limit(5)
                         (await session.scalars(query)).all()
             else:
-                async with factory.session(UserExecutionContext.create(user)) as session:
+                ctx = contexts[user] if variant == "given" else UserExecutionContext.create(user)
+                async with factory.session(ctx) as session:
                     if tenant is None:
                         await session.execute(text("SELECT 1"))
                     else:  # the policy adds the filter
@@ -88,12 +93,22 @@ async def run_variant(
 
 
 def count(
-    variant: str, url: str, requests: int, workload: str, concurrency: int, *, no_gc: bool
-) -> int:
+    variant: str,
+    url: str,
+    requests: int,
+    workload: str,
+    concurrency: int,
+    *,
+    no_gc: bool,
+    cache_sim: bool,
+) -> dict[str, int]:
+    """Run one variant under callgrind; return its event totals (``Ir``, and more with
+    ``cache_sim``: ``D1mr``, ``DLmr``, ``Bcm``, ...)."""
     command = [
         "valgrind",
         "--tool=callgrind",
         "--callgrind-out-file=/dev/null",
+        *(["--cache-sim=yes", "--branch-sim=yes"] if cache_sim else []),
         sys.executable,
         __file__,
         "--child",
@@ -109,10 +124,51 @@ def count(
         *(["--no-gc"] if no_gc else []),
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)  # noqa: S603
-    match = re.search(r"Collected : (\d+)", result.stderr)
-    if match is None:
-        raise RuntimeError(f"no instruction count in valgrind's output:\n{result.stderr}")
-    return int(match.group(1))
+    events = re.search(r"Events\s*: ([\w ]+)", result.stderr)
+    collected = re.search(r"Collected\s*: ([\d ]+)", result.stderr)
+    if events is None or collected is None:
+        raise RuntimeError(f"no event counts in valgrind's output:\n{result.stderr}")
+    return dict(zip(events.group(1).split(), map(int, collected.group(1).split()), strict=True))
+
+
+def measure_database(name: str, url: str, args: argparse.Namespace) -> list[str]:
+    """Print one database's instruction row; return its simulated-cache rows, if asked."""
+    simulated: list[str] = []
+    if args.workload == "tenant":
+        asyncio.run(prepare(url))
+    jobs = [(v, n) for v in ("plain", "reqscope", "given") for n in (0, args.requests)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        totals = list(
+            pool.map(
+                lambda job, url=url: count(
+                    job[0],
+                    url,
+                    job[1],
+                    args.workload,
+                    args.concurrency,
+                    no_gc=args.no_gc,
+                    cache_sim=args.cache_sim,
+                ),
+                jobs,
+            )
+        )
+    per = [
+        {k: (totals[i + 1][k] - totals[i][k]) / args.requests for k in totals[i]} for i in (0, 2, 4)
+    ]
+    plain, scoped, given = (p["Ir"] for p in per)
+    print(
+        f"| {name} | {plain:,.0f} | {scoped:,.0f} | {scoped / plain:.3f} | "
+        f"{given:,.0f} | {given / plain:.3f} |",
+        flush=True,
+    )
+    if args.cache_sim:
+        for label, counts in zip(("plain", "reqscope", "context given"), per, strict=True):
+            simulated.append(
+                f"| {name} | {label} | {counts['D1mr'] + counts['D1mw']:,.0f} | "
+                f"{counts['DLmr'] + counts['DLmw'] + counts['ILmr']:,.0f} | "
+                f"{counts['I1mr']:,.0f} | {counts['Bcm'] + counts['Bim']:,.0f} |"
+            )
+    return simulated
 
 
 def main() -> None:
@@ -123,6 +179,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight (pool 20)")
     parser.add_argument("--skip-sqlite", action="store_true", help="only PostgreSQL")
     parser.add_argument("--no-gc", action="store_true", help="gc.disable() in every variant")
+    parser.add_argument(
+        "--cache-sim",
+        action="store_true",
+        help="also simulate caches and branch prediction (much slower)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,25 +203,22 @@ def main() -> None:
             urls["SQLite"] = f"sqlite+aiosqlite:///{Path(tmp) / 'bench.sqlite3'}"
         if args.postgres:
             urls["PostgreSQL"] = args.postgres
-        print("| database | plain instr/req | reqscope instr/req | ratio |")
-        print("|---|---|---|---|")
+        print(
+            "| database | plain instr/req | reqscope instr/req | ratio | "
+            "context given instr/req | ratio |"
+        )
+        print("|---|---|---|---|---|---|")
+        simulated: list[str] = []
         for name, url in urls.items():
-            if args.workload == "tenant":
-                asyncio.run(prepare(url))
-            jobs = [("plain", 0), ("plain", args.requests), ("reqscope", 0)]
-            jobs.append(("reqscope", args.requests))
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                totals = list(
-                    pool.map(
-                        lambda job, url=url: count(
-                            job[0], url, job[1], args.workload, args.concurrency, no_gc=args.no_gc
-                        ),
-                        jobs,
-                    )
-                )
-            plain = (totals[1] - totals[0]) / args.requests
-            scoped = (totals[3] - totals[2]) / args.requests
-            print(f"| {name} | {plain:,.0f} | {scoped:,.0f} | {scoped / plain:.3f} |", flush=True)
+            simulated += measure_database(name, url, args)
+        if simulated:
+            print("\nsimulated per request (callgrind --cache-sim=yes --branch-sim=yes):")
+            print(
+                "| database | variant | L1 data misses | last-level misses | L1 instruction misses "
+                "| mispredicted branches |"
+            )
+            print("|---|---|---|---|---|---|")
+            print("\n".join(simulated))
 
 
 if __name__ == "__main__":

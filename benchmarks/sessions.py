@@ -58,6 +58,7 @@ POOL = PoolConfig(pool_size=20, max_overflow=0, pool_timeout=120.0)
 CONCURRENCY = [1, 100, 1000]
 RUNNER = ["asyncio"]  # --runner
 PIN = [False]  # --pin
+DIAGNOSTICS = [False]  # --diagnostics
 
 
 class Base(DeclarativeBase):
@@ -112,11 +113,51 @@ def variants(plain_engine: AsyncEngine, factory: IsolatedSessionFactory):
         async with factory.session(contexts[user]) as session:
             await workload(session, user)
 
-    return {
+    runs = {
         "plain": plain,
         "plain-again": plain,
         "reqscope": scoped,
         "reqscope, context given": scoped_session_only,
+    }
+    if DIAGNOSTICS[0]:
+        runs.update(diagnostic_variants(plain_engine, factory))
+    return runs
+
+
+def diagnostic_variants(plain_engine: AsyncEngine, factory: IsolatedSessionFactory):
+    """Variants that split reqscope's cost into parts (``--diagnostics``).
+
+    - "plain, close inline": ``try/finally: await session.close()`` instead of
+      ``async with``, whose ``__aexit__`` closes in a task of its own, as reqscope does not;
+    - "plain, factory's engine": the plain session on the engine reqscope listens on;
+    - "factory session, bare": the factory's session class (ReqscopeSession, its event hooks)
+      on that engine, closed inline, with none of the scope's bookkeeping.
+    """
+    maker = async_sessionmaker(plain_engine, expire_on_commit=False)
+    factory_maker = async_sessionmaker(factory.engine, expire_on_commit=False)
+
+    async def close_inline(workload: Workload, user: str) -> None:
+        session = maker()
+        try:
+            await workload(session, user)
+        finally:
+            await session.close()
+
+    async def on_factory_engine(workload: Workload, user: str) -> None:
+        async with factory_maker() as session:
+            await workload(session, user)
+
+    async def bare(workload: Workload, user: str) -> None:
+        session = factory._new_session()  # noqa: SLF001 - what factory.session() binds
+        try:
+            await workload(session, user)
+        finally:
+            await session.close()
+
+    return {
+        "plain, close inline": close_inline,
+        "plain, factory's engine": on_factory_engine,
+        "factory session, bare": bare,
     }
 
 
@@ -358,6 +399,7 @@ def apply_options(args: argparse.Namespace) -> None:
     """Set the module-level options (runner, pinning) from the command line."""
     RUNNER[0] = args.runner
     PIN[0] = args.pin
+    DIAGNOSTICS[0] = args.diagnostics
     if args.pin:
         pin_self()
 
@@ -371,6 +413,7 @@ async def main() -> None:
     parser.add_argument("--only-memory", action="store_true", help="skip the latency table")
     parser.add_argument("--only-tenant", action="store_true", help="only the tenant table")
     parser.add_argument("--skip-sqlite", action="store_true", help="only PostgreSQL tables")
+    parser.add_argument("--skip-tenant", action="store_true", help="no tenant table")
     parser.add_argument("--workload", choices=list(WORKLOADS), help="only this workload")
     parser.add_argument(
         "--runner",
@@ -387,6 +430,12 @@ async def main() -> None:
         action="store_true",
         help="pin this process to one CPU and a local PostgreSQL's backends to the others "
         "(less noise on a small machine)",
+    )
+    parser.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="also measure variants that split reqscope's cost into parts "
+        "(plain closing inline, plain on the factory's engine, the factory's bare session)",
     )
     args = parser.parse_args()
     apply_options(args)
@@ -411,15 +460,16 @@ async def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     full = not (args.only_memory or args.only_tenant)
+    tenant = args.only_tenant or (full and not args.skip_tenant)
     with tempfile.TemporaryDirectory() as tmp:
         sqlite = f"sqlite+aiosqlite:///{Path(tmp) / 'bench.sqlite3'}"
         if full and not args.skip_sqlite:
             await bench_database("SQLite", sqlite, args.rounds, args.requests)
-        if (full or args.only_tenant) and not args.skip_sqlite:
+        if tenant and not args.skip_sqlite:
             await bench_tenant("SQLite", sqlite, args.rounds, args.requests)
     if args.postgres and full:
         await bench_database("PostgreSQL", args.postgres, args.rounds, args.requests)
-    if args.postgres and (full or args.only_tenant):
+    if args.postgres and tenant:
         await bench_tenant("PostgreSQL", args.postgres, args.rounds, args.requests)
     if args.only_tenant:
         return
