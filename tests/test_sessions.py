@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -522,6 +523,24 @@ async def test_a_task_cancel_during_a_cut_cleanup_still_propagates(
         assert len(factory._cleanup_watchdog) == 0
         async with factory.session(alice) as session:
             assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+
+
+async def test_a_scope_works_in_an_async_exit_stack(database, alice) -> None:
+    # __aexit__ hands back the coroutine that releases the session instead of being one:
+    # everything that drives async context managers by hand must still release it.
+    async with IsolatedSessionFactory(database.url) as factory:
+        async with contextlib.AsyncExitStack() as stack:
+            session = await stack.enter_async_context(factory.session(alice))
+            await session.execute(text("SELECT 1"))
+            assert factory.metrics().active_sessions == 1
+        assert_clean(factory)
+        with pytest.raises(ValueError, match="boom"):
+            async with contextlib.AsyncExitStack() as stack:
+                session = await stack.enter_async_context(factory.begin(alice))
+                await session.execute(text("SELECT 1"))
+                raise ValueError("boom")
+        assert_clean(factory)
+        assert factory.metrics().sessions_failed == 1
 
 
 async def test_closed_factory_refuses_new_sessions(database, alice) -> None:
