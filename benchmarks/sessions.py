@@ -7,13 +7,14 @@ shared/BENCHMARKING.md asks; wall-clock latency and throughput are printed but n
 The plain variants run on an engine of their own that reqscope never touched, with the same
 settings (pool, driver, pre-ping) as the factory's: only reqscope's code differs.
 "plain-again" is a second run of the plain variant under another name: its ratio is the
-noise floor. Rounds interleave the variants and
-rotate their order; the table shows the median of per-round paired ratios, a 95 %
+noise floor. Rounds interleave the variants in an order shuffled afresh each round
+(seeded, so repeatable); the table shows the median of per-round paired ratios, a 95 %
 confidence interval for that median (distribution-free: order statistics of the ratios),
 and their interquartile range. On a 2-core virtual machine shared with the database server
-one round's ratio moves by ±10 % or more (so does a pure-Python loop's CPU time), so resolve
-5 % with many short rounds: ``--rounds 301 --requests 40`` (a round measures at least
-``concurrency`` requests per variant) gives a CI about ±2.5 % wide at concurrency 1 and 100.
+one round's ratio moves by ±10 % or more, so resolve 5 % with many short rounds:
+``--rounds 301 --requests 40`` (a round measures at least ``concurrency`` requests per
+variant) gives an interval about ±2.5 % wide at concurrency 1 and 100; runs differ by more
+than that, so repeat a run before trusting a cell.
 ``--runner asyncio`` (default) runs each request in a task of its own, as ASGI servers do;
 ``--runner anyio`` runs them in task-group workers, inside anyio cancel scopes. ``--pin``
 puts this process on one CPU and a local PostgreSQL's backends on the others.
@@ -29,6 +30,7 @@ import asyncio
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -161,6 +163,18 @@ def diagnostic_variants(plain_engine: AsyncEngine, factory: IsolatedSessionFacto
     }
 
 
+def round_order(names: list[str], index: int) -> list[str]:
+    """The order of the variants in round ``index``: a fresh shuffle, the same in every run.
+
+    Rotating one fixed order would keep each variant's predecessor the same, and on this
+    machine the predecessor matters (a variant after one on the same engine runs warmer):
+    rotation once put the plain-again control at 1.07 with an interval excluding 1.
+    """
+    order = list(names)
+    random.Random(index).shuffle(order)
+    return order
+
+
 def median_ci(ratios: list[float]) -> str:
     """A 95 % confidence interval for the median of ``ratios``, from their order statistics.
 
@@ -272,7 +286,7 @@ async def bench_database(name: str, url: str, rounds: int, requests: int) -> lis
                 cpu: dict[str, list[float]] = {v: [] for v in names}
                 wall: dict[str, list[float]] = {v: [] for v in names}
                 for index in range(rounds):
-                    order = names[index % len(names) :] + names[: index % len(names)]
+                    order = round_order(names, index)
                     for variant in order:
                         c, w = await measure(runs[variant], workload, n, concurrency)
                         cpu[variant].append(c)
@@ -330,7 +344,7 @@ async def bench_tenant(name: str, url: str, rounds: int, requests: int) -> None:
                 await pin_server_backends(engine)
             cpu: dict[str, list[float]] = {v: [] for v in names}
             for index in range(rounds):
-                for variant in names[index % 3 :] + names[: index % 3]:
+                for variant in round_order(names, index):
                     cpu[variant].append(
                         (await measure(runs[variant], select_one, requests, concurrency))[0]
                     )
