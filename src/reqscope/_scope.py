@@ -367,19 +367,15 @@ class SessionScope:
     async def _close(self) -> bool:
         try:
             await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
-        except Exception as error:
-            self._close_failed(error)
+        except Exception:
+            self._factory._registry.cleanup_failures += 1  # noqa: SLF001
+            logger.exception(
+                "reqscope: closing session %s failed; invalidating its connection",
+                self._entry.session_id,
+                extra=self._entry.log_fields(),
+            )
             return False
         return True
-
-    def _close_failed(self, error: Exception) -> None:
-        self._factory._registry.cleanup_failures += 1  # noqa: SLF001
-        logger.error(
-            "reqscope: closing session %s failed; invalidating its connection",
-            self._entry.session_id,
-            exc_info=error,
-            extra=self._entry.log_fields(),
-        )
 
     def _log_overdue(self) -> None:
         factory = self._factory
@@ -417,9 +413,7 @@ class SessionScope:
 
         The watchdog's cancellations are taken back (``Task.uncancel()``) once the cleanup
         ends, so the task is left as it was; a ``Task.cancel()`` from elsewhere that landed
-        meanwhile still propagates, exactly as it does through an anyio shield. (The close
-        is inline rather than a call to :meth:`_close`: this is the path of every request
-        in a plain asyncio task.)
+        meanwhile still propagates, exactly as it does through an anyio shield.
         """
         factory = self._factory
         watchdog = factory._cleanup_watchdog  # noqa: SLF001
@@ -429,12 +423,9 @@ class SessionScope:
         cancelled: asyncio.CancelledError | None = None
         watchdog.watch(task, factory.cleanup_timeout, loop)
         try:
-            await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
-            clean = True
+            clean = await self._close()
         except asyncio.CancelledError as error:
             cancelled = error
-        except Exception as error:
-            self._close_failed(error)
         finally:
             cuts = watchdog.unwatch(task)
         if not cuts:
