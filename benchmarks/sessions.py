@@ -61,6 +61,7 @@ CONCURRENCY = [1, 100, 1000]
 RUNNER = ["asyncio"]  # --runner
 PIN = [False]  # --pin
 DIAGNOSTICS = [False]  # --diagnostics
+SPIN_SECONDS = 5e-6  # the calibration variant's busy loop
 
 
 class Base(DeclarativeBase):
@@ -133,7 +134,9 @@ def diagnostic_variants(plain_engine: AsyncEngine, factory: IsolatedSessionFacto
       ``async with``, whose ``__aexit__`` closes in a task of its own, as reqscope does not;
     - "plain, factory's engine": the plain session on the engine reqscope listens on;
     - "factory session, bare": the factory's session class (ReqscopeSession, its event hooks)
-      on that engine, closed inline, with none of the scope's bookkeeping.
+      on that engine, closed inline, with none of the scope's bookkeeping;
+    - "plain + 5 µs busy loop": the plain variant plus a known amount of client CPU, to
+      calibrate how much a few µs of extra work per request move the ratio on this machine.
     """
     maker = async_sessionmaker(plain_engine, expire_on_commit=False)
     factory_maker = async_sessionmaker(factory.engine, expire_on_commit=False)
@@ -156,10 +159,18 @@ def diagnostic_variants(plain_engine: AsyncEngine, factory: IsolatedSessionFacto
         finally:
             await session.close()
 
+    async def spin(workload: Workload, user: str) -> None:
+        async with maker() as session:
+            await workload(session, user)
+            started = time.perf_counter()
+            while time.perf_counter() - started < SPIN_SECONDS:
+                pass
+
     return {
         "plain, close inline": close_inline,
         "plain, factory's engine": on_factory_engine,
         "factory session, bare": bare,
+        f"plain + {SPIN_SECONDS * 1e6:.0f} µs busy loop": spin,
     }
 
 
@@ -384,6 +395,35 @@ async def _noop() -> None:
     return None
 
 
+async def empty_scope_cost(batches: int = 21, scopes: int = 5000) -> tuple[float, float]:
+    """Median CPU µs of an empty session scope and of a bare factory session, no I/O.
+
+    What reqscope's own Python adds per request, measured hot: each scope (or bare session,
+    closed inline) runs in an asyncio task of its own, ten at a time, in alternating
+    batches. The difference is the scope's cost before any cache or scheduling effect.
+    """
+    async with IsolatedSessionFactory(leak_check_interval=0) as factory:
+        ctx = UserExecutionContext.create("u")
+        loop = asyncio.get_running_loop()
+
+        async def scoped() -> None:
+            async with factory.session(ctx):
+                pass
+
+        async def bare() -> None:
+            session = factory._new_session()  # noqa: SLF001
+            await session.close()
+
+        samples: dict[str, list[float]] = {"scope": [], "bare": []}
+        for _ in range(batches):
+            for name, run in (("scope", scoped), ("bare", bare)):
+                started = time.process_time()
+                for _ in range(scopes // 10):
+                    await asyncio.gather(*(loop.create_task(run()) for _ in range(10)))
+                samples[name].append((time.process_time() - started) / scopes * 1e6)
+        return statistics.median(samples["scope"]), statistics.median(samples["bare"])
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as statm:  # noqa: PTH123
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -449,7 +489,8 @@ async def main() -> None:
         "--diagnostics",
         action="store_true",
         help="also measure variants that split reqscope's cost into parts "
-        "(plain closing inline, plain on the factory's engine, the factory's bare session)",
+        "(plain closing inline, plain on the factory's engine, the factory's bare session) "
+        "and a calibration: plain plus a 5 µs busy loop",
     )
     args = parser.parse_args()
     apply_options(args)
@@ -488,6 +529,11 @@ async def main() -> None:
     if args.only_tenant:
         return
     print(f"\nleak-detector pass over 10,000 open sessions: {leak_pass_cost():.2f} µs (median)")
+    scope_cpu, bare_cpu = await empty_scope_cost()
+    print(
+        f"empty session scope, no I/O: {scope_cpu:.2f} µs CPU vs {bare_cpu:.2f} µs for a bare "
+        f"factory session (+{scope_cpu - bare_cpu:.2f} µs; median of 21 batches)"
+    )
     before, after = await rss_growth(args.scopes)
     print(
         f"RSS over {args.scopes:,} session scopes: {before:.1f} MB -> {after:.1f} MB "

@@ -133,3 +133,62 @@ async def test_an_unwatched_task_in_time_was_never_cut() -> None:
     await asyncio.sleep(0)
     assert watchdog.unwatch(task) == 0
     assert len(watchdog) == 0
+
+
+# -- the running task, without get_running_loop()'s system call -----------------------------
+
+
+async def test_current_task_is_the_callers_own_task() -> None:
+    from reqscope._scope import _current_task
+
+    assert _current_task() is asyncio.current_task()
+
+    async def own() -> bool:
+        return _current_task() is asyncio.current_task()
+
+    assert await asyncio.get_running_loop().create_task(own())
+
+
+async def test_current_task_is_never_another_threads_task() -> None:
+    # Another thread's loop was the last one remembered, and is in the middle of a task step
+    # right now (a blocking call inside its task): asking from this thread must still give
+    # this thread's task, not that one.
+    import threading
+
+    from reqscope import _scope
+
+    in_step = threading.Event()
+    release = threading.Event()
+    seen: dict[str, object] = {}
+
+    def other_thread() -> None:
+        async def main() -> None:
+            seen["task"] = _scope._current_task()  # remembers this thread's loop
+            in_step.set()
+            release.wait(10)  # blocks the step: this loop's task stays current
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        assert await anyio.to_thread.run_sync(in_step.wait, 10)
+        assert _scope._last_loop[1] == thread.ident  # the other thread's loop is remembered
+        mine = _scope._current_task()
+    finally:
+        release.set()
+        thread.join()
+    assert seen["task"] is not None
+    assert mine is asyncio.current_task()
+    assert mine is not seen["task"]
+
+
+def test_current_task_outside_a_task_is_none_and_a_new_loop_is_found() -> None:
+    from reqscope._scope import _current_task
+
+    async def found() -> bool:
+        return _current_task() is asyncio.current_task() is not None
+
+    assert asyncio.run(found())  # remembers that loop, on this thread
+    assert _current_task() is None  # that loop no longer runs
+    assert asyncio.run(found())  # a new loop on the same thread

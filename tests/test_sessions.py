@@ -569,6 +569,9 @@ async def test_scope_objects_are_single_use(factory, alice) -> None:
     async with scope:
         with pytest.raises(RuntimeError, match="already open"):
             await scope.__aenter__()
+    with pytest.raises(RuntimeError, match="used before"):  # nor reopened once closed
+        await scope.__aenter__()
+    assert factory.metrics().active_sessions == 0
 
 
 async def test_bad_arguments(factory) -> None:

@@ -138,6 +138,27 @@ async def test_admin_bypass_is_explicit_and_logged(tenant_factory, caplog) -> No
         assert (await session.scalars(select(Doc))).all() == []
 
 
+async def test_a_refused_bypass_does_not_take_the_half_open_probe(database) -> None:
+    # The refusal comes before the breaker admits the call: a half-open circuit's one probe
+    # stays free for a request that can use it, and that request closes the circuit.
+    from reqscope import CircuitBreaker, CircuitState
+
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=1, recovery_timeout=1.0, clock=lambda: now[0])
+    async with IsolatedSessionFactory(
+        database.url, tenant=ORM_ONLY, circuit_breaker=breaker
+    ) as factory:
+        breaker.record_failure()
+        now[0] = 2.0
+        assert breaker.state is CircuitState.HALF_OPEN
+        with pytest.raises(IsolationViolation, match="not marked"):
+            async with factory.session(UserExecutionContext.create("mallory"), bypass_tenant=True):
+                pass
+        async with factory.session(UserExecutionContext.create("alice")) as session:
+            await session.execute(text("SELECT 1"))
+        assert breaker.state is CircuitState.CLOSED
+
+
 async def test_bypass_needs_a_policy(factory) -> None:
     ctx = UserExecutionContext.create("ops", metadata={"reqscope_admin": True})
     with pytest.raises(ReqscopeError, match="tenant policy"):

@@ -111,6 +111,8 @@ class Entry:
 
     The session id and the opening time as a datetime are made on first use (tags, logs,
     records): most sessions never need them, and each costs about as much as a Python call.
+    A factory's own sessions are recorded by their :class:`~reqscope._scope.SessionScope`,
+    a subclass: one object per request instead of two.
     """
 
     __slots__ = (
@@ -126,7 +128,6 @@ class Entry:
         "leak_reported",
         "lifetime",
         "opened_mono",
-        "opened_wall",
         "owner",
         "stack",
         "state",
@@ -145,8 +146,7 @@ class Entry:
     ) -> None:
         self._session_id = session_id  # None: a fresh id on first use
         self.ctx = ctx
-        self._opened_at = opened_at  # None: from opened_wall on first use
-        self.opened_wall = time.time()
+        self._opened_at = opened_at  # None: from opened_mono on first use
         self.opened_mono = time.monotonic()
         self.lifetime = lifetime
         self.deadline = self.opened_mono + lifetime
@@ -175,11 +175,16 @@ class Entry:
 
     @property
     def opened_at(self) -> dt.datetime:
-        """When the session was opened (UTC)."""
+        """When the session was opened (UTC), fixed on first use.
+
+        Derived from the monotonic opening time, so opening a session reads one clock, not
+        two: the wall clock now, less the session's age.
+        """
         opened_at = self._opened_at
         if opened_at is None:
-            opened_at = self._opened_at = dt.datetime.fromtimestamp(
-                self.opened_wall, dt.timezone.utc
+            age = time.monotonic() - self.opened_mono
+            opened_at = self._opened_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(
+                seconds=age
             )
         return opened_at
 

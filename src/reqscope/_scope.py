@@ -16,12 +16,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 import traceback
+from contextvars import Token
+from threading import get_ident
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 from sqlalchemy.util import greenlet_spawn
 
+from reqscope._breaker import CircuitState
 from reqscope._context import UserExecutionContext, _current, current_context
 from reqscope._enforcement import _invalidate
 from reqscope._leaks import LeakDetector
@@ -40,7 +44,8 @@ __all__ = ["CleanupWatchdog", "SessionScope"]
 
 logger = logging.getLogger("reqscope")
 
-_ACTIVE = EntryState.ACTIVE
+_ACTIVE: Final = EntryState.ACTIVE
+_CIRCUIT_CLOSED: Final = CircuitState.CLOSED
 
 
 class CleanupWatchdog:
@@ -158,23 +163,39 @@ def _anyio_shield(task: asyncio.Task[object]) -> anyio.CancelScope | None:
 # (task states, CancelScope class) of anyio's asyncio backend, once it has been imported.
 _anyio_backend: list[tuple[Any, Any]] = []
 
+# The loop the last session scope ran on, and its thread.
+_last_loop: list[Any] = [None, None]
 
-class SessionScope:
-    """``async with factory.session(ctx)`` / ``factory.begin(ctx)``."""
 
-    __slots__ = (
-        "_begin",
-        "_bypass",
-        "_ctx",
-        "_entry",
-        "_factory",
-        "_lifetime",
-        "_loop",
-        "_previous",
-        "_probe",
-        "_session",
-        "_token",
-    )
+def _current_task() -> asyncio.Task[Any] | None:
+    """The running asyncio task, or None outside one.
+
+    ``asyncio.current_task()`` asks ``get_running_loop()``, which on Python 3.10 and 3.11
+    is a system call. Asking the loop the last scope ran on is not, and it is exact: on one
+    thread only one loop runs at a time, and a loop has a current task only while it runs
+    one, so a task that loop reports on this same thread is the caller's.
+    """
+    loop, thread = _last_loop
+    if thread == get_ident():
+        task = asyncio.current_task(loop)
+        if task is not None:
+            return task
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not on asyncio (or no loop)
+        return None
+    _last_loop[:] = (loop, get_ident())
+    return asyncio.current_task(loop)
+
+
+class SessionScope(Entry):
+    """``async with factory.session(ctx)`` / ``factory.begin(ctx)``.
+
+    The scope is also the registry's record of the session it opens (an :class:`Entry`,
+    which the session points at for its checks): one object per request, not two.
+    """
+
+    __slots__ = ("_begin", "_factory", "_loop", "_probe", "_session", "_token")
 
     def __init__(
         self,
@@ -185,64 +206,75 @@ class SessionScope:
         begin: bool,
         bypass_tenant: bool = False,
     ) -> None:
+        # Entry.__init__ is not called: __aenter__ fills in the record when it opens the
+        # session (the context may be the current one only then).
         if ctx is not None and not isinstance(ctx, UserExecutionContext):
             raise TypeError(
                 f"factory.session() takes a UserExecutionContext, got {type(ctx).__name__}"
             )
-        if lifetime is not None and lifetime <= 0:
+        if lifetime is None:
+            lifetime = factory.max_session_lifetime
+        elif lifetime <= 0:
             raise ValueError(f"max_lifetime must be positive seconds, got {lifetime!r}")
-        self._factory = factory
-        self._ctx = ctx
-        self._lifetime = lifetime
+        self._factory = self.owner = factory
+        self.ctx = ctx  # type: ignore[assignment]  # None: the current context, on entry
+        self.lifetime = float(lifetime)
         self._begin = begin
-        self._bypass = bypass_tenant
+        self.bypass_tenant = bypass_tenant
         self._session: AsyncSession | None = None
+        self._token: Token[UserExecutionContext | None] | None = None
 
     async def __aenter__(self) -> AsyncSession:
         # The per-request hot path: everything is inline (a Python call costs as much as
         # most of what it would wrap).
-        if self._session is not None:
-            raise RuntimeError("this session scope is already open; call factory.session() again")
+        if self._token is not None:
+            raise RuntimeError(
+                "this session scope is already open or was used before; call "
+                "factory.session() again for a new one"
+            )
         factory = self._factory
-        factory._check_open()  # noqa: SLF001
-        ctx = self._ctx if self._ctx is not None else current_context()
-        if self._bypass:
+        if factory._state == "closed":  # noqa: SLF001
+            factory._check_open()  # noqa: SLF001 - raises the error that says what to do
+        ctx = self.ctx
+        if ctx is None:  # not given: the current one
+            ctx = self.ctx = current_context()  # type: ignore[unreachable]
+        if self.bypass_tenant:  # refused before the breaker could admit it as its probe
             factory._authorize_bypass(ctx)  # noqa: SLF001
-        self._probe = factory.circuit_breaker.before_call()
+            self.tenant = None
+        else:
+            policy = factory.tenant
+            self.tenant = None if policy is None else (policy, ctx.user_id)
+        breaker = factory.circuit_breaker
+        # before_call() only when the circuit is not closed: a call per request saved.
+        self._probe = breaker._state is not _CIRCUIT_CLOSED and breaker.before_call()  # noqa: SLF001
         # The session checks a connection out of the pool on first use, inside the same
         # greenlet as its first statement (as a plain session does): connecting eagerly
         # would cost a greenlet switch per request. Connect failures surface there as
         # DatabaseUnavailableError (the factory's do_connect hook), pool timeouts as
         # PoolExhaustedError (on exit).
         session = factory._new_session()  # noqa: SLF001
-        try:
-            task = asyncio.current_task()  # a system call on Python 3.10/3.11: asked once
-        except RuntimeError:  # not running on asyncio
-            task = None
-        self._loop = None if task is None else task.get_loop()
-        entry = Entry(
-            None,
-            ctx,
-            None,
-            factory.max_session_lifetime if self._lifetime is None else float(self._lifetime),
-            None if task is None else task.get_name(),
-            "".join(traceback.format_stack(limit=25)[:-1]) if factory.capture_stacks else None,
-        )
-        entry.owner = factory
-        if self._bypass:
-            entry.bypass_tenant = True
+        task = _current_task()
+        if task is None:  # not in an asyncio task
+            self._loop = None
+            self.task_name = None
         else:
-            policy = factory.tenant
-            if policy is not None:
-                entry.tenant = (policy, ctx.user_id)
+            self._loop = task.get_loop()
+            self.task_name = task.get_name()
+        self._session_id = self._opened_at = None  # made on first use
+        self.stack = (
+            "".join(traceback.format_stack(limit=25)[:-1]) if factory.capture_stacks else None
+        )
+        self.state = _ACTIVE
+        self.global_ = self.leak_reported = False
+        self.connection = self.connection_guard = None
+        self.opened_mono = now = time.monotonic()
+        self.deadline = now + self.lifetime
         sync_session = session.sync_session
-        sync_session._reqscope_entry = entry  # type: ignore[attr-defined]  # noqa: SLF001 - our Session subclass
+        sync_session._reqscope_entry = self  # type: ignore[attr-defined]  # noqa: SLF001 - our Session subclass
         if "info" in sync_session.__dict__:  # made already (info= given): tag it now
-            sync_session.info.update(entry.tags())
-        factory._registry.add(entry)  # noqa: SLF001
-        self._entry = entry
+            sync_session.info.update(self.tags())
+        factory._registry.add(self)  # noqa: SLF001
         self._session = session
-        self._previous = _current.get()
         self._token = _current.set(ctx)
         return session
 
@@ -272,7 +304,7 @@ class SessionScope:
             # Interrupted mid-commit: the outcome is unknown, so never report success,
             # and never trust the connection again.
             error = commit_error
-            await self._factory._invalidate_gracefully(self._entry.connection)  # noqa: SLF001
+            await self._factory._invalidate_gracefully(self.connection)  # noqa: SLF001
             raise
         finally:
             if error is not None:  # the commit's own error propagates as it is
@@ -286,14 +318,13 @@ class SessionScope:
         one, when ``translate``.
         """
         factory = self._factory
-        entry = self._entry
         registry = factory._registry  # noqa: SLF001
         try:
-            conn = entry.connection  # the latest transaction's connection, if it had one
+            conn = self.connection  # the latest transaction's connection, if it had one
             try:
-                if entry.state is not EntryState.RECLAIMED:
+                if self.state is not EntryState.RECLAIMED:
                     clean = await self._cleanup()
-                    entry.state = EntryState.CLOSED
+                    self.state = EntryState.CLOSED
                     if not clean:
                         await factory._invalidate_gracefully(conn)  # noqa: SLF001
                 else:
@@ -303,7 +334,7 @@ class SessionScope:
                 # interrupted half-way, the connection is invalidated (never returned
                 # half-cleaned), through the driver's graceful close unless that is
                 # interrupted too.
-                entry.state = EntryState.CLOSED
+                self.state = EntryState.CLOSED
                 registry.cleanup_failures += 1
                 try:
                     await factory._invalidate_gracefully(conn)  # noqa: SLF001
@@ -314,16 +345,21 @@ class SessionScope:
                         factory.circuit_breaker.release_probe()
                 raise
             finally:
-                entry.connection = None
-                registry.discard(entry)
+                self.connection = None
+                # The session points at this scope (its record): drop the way back, so
+                # that session and scope are freed by reference counting, not the GC.
+                self._session = None
+                registry.discard(self)
                 registry.sessions_closed += 1
-            if error is not None or self._probe or entry.leak_reported:
+            if error is not None or self._probe or self.leak_reported:
                 self._settle(error, conn)
         finally:
+            token = self._token
             try:
-                _current.reset(self._token)
+                _current.reset(token)  # type: ignore[arg-type]
             except ValueError:  # exited in another contextvars.Context than it was entered
-                _current.set(self._previous)
+                previous = token.old_value  # type: ignore[union-attr]
+                _current.set(None if previous is Token.MISSING else previous)
         if translate and error is not None:
             self._raise_translated(error)
         return False
@@ -344,8 +380,8 @@ class SessionScope:
                 breaker.release_probe()
         elif self._probe and conn is None:
             factory.circuit_breaker.release_probe()  # the probe never reached the database
-        if self._entry.leak_reported:
-            LeakDetector.log_late_close(self._entry)
+        if self.leak_reported:
+            LeakDetector.log_late_close(self)
 
     def _cleanup(self) -> Coroutine[Any, Any, bool]:
         """Roll back and return the connection, shielded, within ``cleanup_timeout``.
@@ -364,29 +400,25 @@ class SessionScope:
             return self._close_with_deadline(task, loop)
         return self._close_in_shield(shield, loop)
 
-    async def _close(self) -> bool:
-        try:
-            await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
-        except Exception:
-            self._factory._registry.cleanup_failures += 1  # noqa: SLF001
-            logger.exception(
-                "reqscope: closing session %s failed; invalidating its connection",
-                self._entry.session_id,
-                extra=self._entry.log_fields(),
-            )
-            return False
-        return True
+    def _close_failed(self, error: Exception) -> None:
+        """Log that the session's close raised ``error``."""
+        self._factory._registry.cleanup_failures += 1  # noqa: SLF001
+        logger.error(
+            "reqscope: closing session %s failed; invalidating its connection",
+            self.session_id,
+            exc_info=error,
+            extra=self.log_fields(),
+        )
 
     def _log_overdue(self) -> None:
         factory = self._factory
-        entry = self._entry
         factory._registry.cleanup_failures += 1  # noqa: SLF001
         logger.error(
             "reqscope: closing session %s took longer than cleanup_timeout=%s s; "
             "invalidating its connection",
-            entry.session_id,
+            self.session_id,
             factory.cleanup_timeout,
-            extra=entry.log_fields(),
+            extra=self.log_fields(),
         )
 
     async def _close_in_shield(
@@ -398,7 +430,12 @@ class SessionScope:
         with shield:
             watchdog.watch(shield, self._factory.cleanup_timeout, loop)
             try:
-                clean = await self._close()
+                # The close is awaited here, not in a coroutine of its own: every frame
+                # on the request's await chain is paid again on each I/O resumption.
+                await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
+                clean = True
+            except Exception as error:
+                self._close_failed(error)
             finally:
                 if not shield.cancel_called:
                     watchdog.unwatch(shield)
@@ -423,9 +460,12 @@ class SessionScope:
         cancelled: asyncio.CancelledError | None = None
         watchdog.watch(task, factory.cleanup_timeout, loop)
         try:
-            clean = await self._close()
+            await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
+            clean = True
         except asyncio.CancelledError as error:
             cancelled = error
+        except Exception as close_error:
+            self._close_failed(close_error)
         finally:
             cuts = watchdog.unwatch(task)
         if not cuts:
