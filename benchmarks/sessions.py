@@ -141,23 +141,19 @@ def diagnostic_variants(plain_engine: AsyncEngine, factory: IsolatedSessionFacto
     maker = async_sessionmaker(plain_engine, expire_on_commit=False)
     factory_maker = async_sessionmaker(factory.engine, expire_on_commit=False)
 
-    async def close_inline(workload: Workload, user: str) -> None:
-        session = maker()
-        try:
-            await workload(session, user)
-        finally:
-            await session.close()
+    def closing_inline(new_session: Callable[[], AsyncSession]):
+        async def run(workload: Workload, user: str) -> None:
+            session = new_session()
+            try:
+                await workload(session, user)
+            finally:
+                await session.close()
+
+        return run
 
     async def on_factory_engine(workload: Workload, user: str) -> None:
         async with factory_maker() as session:
             await workload(session, user)
-
-    async def bare(workload: Workload, user: str) -> None:
-        session = factory._new_session()  # noqa: SLF001 - what factory.session() binds
-        try:
-            await workload(session, user)
-        finally:
-            await session.close()
 
     async def spin(workload: Workload, user: str) -> None:
         async with maker() as session:
@@ -167,9 +163,10 @@ def diagnostic_variants(plain_engine: AsyncEngine, factory: IsolatedSessionFacto
                 pass
 
     return {
-        "plain, close inline": close_inline,
+        "plain, close inline": closing_inline(maker),
         "plain, factory's engine": on_factory_engine,
-        "factory session, bare": bare,
+        # the factory's own session class, as factory.session() binds it
+        "factory session, bare": closing_inline(factory._new_session),  # noqa: SLF001
         f"plain + {SPIN_SECONDS * 1e6:.0f} µs busy loop": spin,
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -78,6 +79,20 @@ async def test_tags_agree_with_the_registry_and_survive_an_info_argument(alice) 
         assert tags.created_at == record.opened_at
         assert tags.user_id == alice.user_id
         assert tags.is_request_scoped
+
+
+async def test_opened_at_is_when_the_scope_opened_not_when_it_is_read(factory, alice) -> None:
+    # The datetime is derived on first use from the monotonic opening time: it must still
+    # be the opening time, however long after the opening it is first asked for.
+    before = dt.datetime.now(dt.timezone.utc)
+    async with factory.session(alice) as session:
+        after = dt.datetime.now(dt.timezone.utc)
+        await anyio.sleep(0.3)
+        (record,) = factory.active_sessions()
+        slack = dt.timedelta(milliseconds=50)
+        assert before - slack <= record.opened_at <= after + slack
+        assert record.age >= 0.3
+        assert session_tags(session).created_at == record.opened_at
 
 
 async def test_every_scope_gets_a_new_session(factory, alice) -> None:

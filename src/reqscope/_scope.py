@@ -400,15 +400,18 @@ class SessionScope(Entry):
             return self._close_with_deadline(task, loop)
         return self._close_in_shield(shield, loop)
 
-    def _close_failed(self, error: Exception) -> None:
-        """Log that the session's close raised ``error``."""
-        self._factory._registry.cleanup_failures += 1  # noqa: SLF001
-        logger.error(
-            "reqscope: closing session %s failed; invalidating its connection",
-            self.session_id,
-            exc_info=error,
-            extra=self.log_fields(),
-        )
+    async def _close(self) -> bool:
+        try:
+            await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
+        except Exception:
+            self._factory._registry.cleanup_failures += 1  # noqa: SLF001
+            logger.exception(
+                "reqscope: closing session %s failed; invalidating its connection",
+                self.session_id,
+                extra=self.log_fields(),
+            )
+            return False
+        return True
 
     def _log_overdue(self) -> None:
         factory = self._factory
@@ -430,12 +433,7 @@ class SessionScope(Entry):
         with shield:
             watchdog.watch(shield, self._factory.cleanup_timeout, loop)
             try:
-                # The close is awaited here, not in a coroutine of its own: every frame
-                # on the request's await chain is paid again on each I/O resumption.
-                await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
-                clean = True
-            except Exception as error:
-                self._close_failed(error)
+                clean = await self._close()
             finally:
                 if not shield.cancel_called:
                     watchdog.unwatch(shield)
@@ -460,12 +458,9 @@ class SessionScope(Entry):
         cancelled: asyncio.CancelledError | None = None
         watchdog.watch(task, factory.cleanup_timeout, loop)
         try:
-            await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
-            clean = True
+            clean = await self._close()
         except asyncio.CancelledError as error:
             cancelled = error
-        except Exception as close_error:
-            self._close_failed(close_error)
         finally:
             cuts = watchdog.unwatch(task)
         if not cuts:
