@@ -49,4 +49,5 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
     session.run("python", "benchmarks/context.py")
+    session.run("python", "benchmarks/bytecodes.py")
     session.run("python", "benchmarks/sessions.py", *session.posargs)

@@ -53,8 +53,10 @@ from reqscope import (
     UserExecutionContext,
     build_engine,
 )
+from reqscope._context import _current
 from reqscope._leaks import LeakDetector
 from reqscope._registry import Entry, SessionRegistry
+from reqscope._scope import SessionScope
 
 POOL = PoolConfig(pool_size=20, max_overflow=0, pool_timeout=120.0)
 CONCURRENCY = [1, 100, 1000]
@@ -123,11 +125,15 @@ def variants(plain_engine: AsyncEngine, factory: IsolatedSessionFactory):
         "reqscope, context given": scoped_session_only,
     }
     if DIAGNOSTICS[0]:
-        runs.update(diagnostic_variants(plain_engine, factory))
+        runs.update(diagnostic_variants(plain_engine, factory, contexts))
     return runs
 
 
-def diagnostic_variants(plain_engine: AsyncEngine, factory: IsolatedSessionFactory):
+def diagnostic_variants(
+    plain_engine: AsyncEngine,
+    factory: IsolatedSessionFactory,
+    contexts: dict[str, UserExecutionContext],
+):
     """Variants that split reqscope's cost into parts (``--diagnostics``).
 
     - "plain, close inline": ``try/finally: await session.close()`` instead of
@@ -135,6 +141,12 @@ def diagnostic_variants(plain_engine: AsyncEngine, factory: IsolatedSessionFacto
     - "plain, factory's engine": the plain session on the engine reqscope listens on;
     - "factory session, bare": the factory's session class (ReqscopeSession, its event hooks)
       on that engine, closed inline, with none of the scope's bookkeeping;
+    - "bare + context variable": that bare session in the smallest async context manager that
+      makes the request's context current (set on entry, reset on exit): the floor of any
+      scope that enforcement can check against;
+    - "scope, cleanup unbounded": the session scope with its close neither shielded nor
+      watched by the cleanup deadline, so "reqscope, context given" minus this row is what
+      the bounded, cancellation-proof cleanup costs;
     - "plain + 5 µs busy loop": the plain variant plus a known amount of client CPU, to
       calibrate how much a few µs of extra work per request move the ratio on this machine.
     """
@@ -162,13 +174,52 @@ def diagnostic_variants(plain_engine: AsyncEngine, factory: IsolatedSessionFacto
             while time.perf_counter() - started < SPIN_SECONDS:
                 pass
 
+    async def with_context(workload: Workload, user: str) -> None:
+        async with _ContextOnly(factory, contexts[user]) as session:
+            await workload(session, user)
+
+    async def unbounded_cleanup(workload: Workload, user: str) -> None:
+        async with _UnboundedCleanupScope(factory, contexts[user], None, begin=False) as session:
+            await workload(session, user)
+
     return {
         "plain, close inline": closing_inline(maker),
         "plain, factory's engine": on_factory_engine,
         # the factory's own session class, as factory.session() binds it
         "factory session, bare": closing_inline(factory._new_session),  # noqa: SLF001
+        "bare + context variable": with_context,
+        "scope, cleanup unbounded": unbounded_cleanup,
         f"plain + {SPIN_SECONDS * 1e6:.0f} µs busy loop": spin,
     }
+
+
+class _ContextOnly:
+    """A bare factory session with the request's context current (diagnostic only)."""
+
+    __slots__ = ("_ctx", "_factory", "_session", "_token")
+
+    def __init__(self, factory: IsolatedSessionFactory, ctx: UserExecutionContext) -> None:
+        self._factory, self._ctx = factory, ctx
+
+    async def __aenter__(self) -> AsyncSession:
+        self._session = self._factory._new_session()  # noqa: SLF001
+        self._token = _current.set(self._ctx)
+        return self._session
+
+    async def __aexit__(self, *_exc: object) -> None:
+        try:
+            await self._session.close()
+        finally:
+            _current.reset(self._token)
+
+
+class _UnboundedCleanupScope(SessionScope):
+    """The session scope, its close neither shielded nor bounded (diagnostic only)."""
+
+    __slots__ = ()
+
+    def _cleanup(self):
+        return self._close()
 
 
 def round_order(names: list[str], index: int) -> list[str]:
@@ -486,7 +537,8 @@ async def main() -> None:
         "--diagnostics",
         action="store_true",
         help="also measure variants that split reqscope's cost into parts "
-        "(plain closing inline, plain on the factory's engine, the factory's bare session) "
+        "(plain closing inline, plain on the factory's engine, the factory's bare session, "
+        "that session with the context variable, the scope without its cleanup deadline) "
         "and a calibration: plain plus a 5 µs busy loop",
     )
     args = parser.parse_args()

@@ -192,3 +192,21 @@ async def test_a_probe_session_decides_the_half_open_circuit_only_by_reaching_th
         async with factory.session(alice) as session:  # the next probe reaches the database
             await session.execute(text("SELECT 1"))
             assert breaker.state is CircuitState.CLOSED
+
+
+@pytest.mark.anyio
+async def test_a_session_that_reaches_the_database_resets_the_failure_count(
+    database, alice
+) -> None:
+    # "Consecutive" failures: a request that reaches the database in between starts the
+    # count again, even though the circuit never left CLOSED.
+    breaker = CircuitBreaker(failure_threshold=3, recovery_timeout=60)
+    async with IsolatedSessionFactory(database.url, circuit_breaker=breaker) as factory:
+        breaker.record_failure()
+        breaker.record_failure()
+        async with factory.session(alice) as session:
+            await session.execute(text("SELECT 1"))
+        assert breaker.consecutive_failures == 0
+        breaker.record_failure()
+        breaker.record_failure()
+        assert breaker.state is CircuitState.CLOSED

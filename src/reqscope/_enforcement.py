@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.util import memoized_property
 
+from reqscope._breaker import CircuitState
 from reqscope._context import _current
 from reqscope._registry import Entry, EntryState, SessionTags
 from reqscope.exceptions import (
@@ -62,6 +63,7 @@ _TAG_KEYS: Final = (
 )
 
 _ACTIVE: Final = EntryState.ACTIVE
+_CIRCUIT_CLOSED: Final = CircuitState.CLOSED
 
 
 def _lookup(session: Session) -> Entry | None:
@@ -209,7 +211,9 @@ def _on_begin(session: Session, _transaction: SessionTransaction, connection: Co
     if entry is None:
         return
     if entry.connection is None:  # its first connection (kept until the scope ends)
-        entry.owner.circuit_breaker.record_success()
+        breaker = entry.owner.circuit_breaker
+        if breaker._state is not _CIRCUIT_CLOSED or breaker._failures:  # noqa: SLF001
+            breaker.record_success()  # else it has nothing to reset: a call per request saved
     entry.connection = connection
     tenant = entry.tenant
     if tenant is not None and tenant[0].rls and connection.dialect.name == "postgresql":

@@ -20,7 +20,9 @@ import time
 import traceback
 from contextvars import Token
 from threading import get_ident
+from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any, Final
+from weakref import WeakKeyDictionary, ref
 
 import anyio
 from sqlalchemy.util import greenlet_spawn
@@ -32,7 +34,7 @@ from reqscope._leaks import LeakDetector
 from reqscope._registry import Entry, EntryState
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    from collections.abc import Callable, Coroutine
     from types import TracebackType
 
     from sqlalchemy.engine import Connection
@@ -82,20 +84,20 @@ class CleanupWatchdog:
         """Cancel ``scope`` if it is still watched ``timeout`` seconds from now.
 
         ``loop`` is the running loop, when the caller knows it: on Python 3.10 and 3.11
-        ``asyncio.get_running_loop()`` costs a system call.
+        ``asyncio.get_running_loop()`` costs a system call. Deadlines are on the monotonic
+        clock (what asyncio's ``loop.time()`` reads, without a Python call).
         """
         if loop is None:
             loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         if loop is not self._loop:  # first use, or the factory moved to another loop
             if self._handle is not None:
                 self._handle.cancel()
             self._pending.clear()
             self._cuts.clear()
             self._loop, self._handle = loop, None
-        self._pending[scope] = (deadline, timeout)
+        self._pending[scope] = (_monotonic() + timeout, timeout)
         if self._handle is None:
-            self._handle = loop.call_at(deadline, self._expire)
+            self._handle = loop.call_later(timeout, self._expire)
 
     def unwatch(self, scope: anyio.CancelScope | asyncio.Task[Any]) -> int:
         """Stop watching ``scope`` (its cleanup finished).
@@ -115,7 +117,7 @@ class CleanupWatchdog:
         loop = self._loop
         assert loop is not None  # noqa: S101 - armed by watch()
         self._handle = None
-        now = loop.time()
+        now = _monotonic()
         pending = self._pending
         overdue = [(scope, timeout) for scope, (at, timeout) in pending.items() if at <= now]
         for scope, timeout in overdue:
@@ -127,10 +129,13 @@ class CleanupWatchdog:
                 del pending[scope]
                 scope.cancel()  # anyio keeps delivering it until the scope exits
         if pending:
-            self._handle = loop.call_at(min(at for at, _ in pending.values()), self._expire)
+            earliest = min(at for at, _ in pending.values())
+            self._handle = loop.call_later(max(0.0, earliest - now), self._expire)
 
 
 _ANYIO_ASYNCIO: Final = "anyio._backends._asyncio"
+# Task.cancelling() and Task.uncancel(), Python 3.11+
+_UNCANCEL: Final = sys.version_info >= (3, 11)
 
 
 def _anyio_shield(task: asyncio.Task[object]) -> anyio.CancelScope | None:
@@ -147,24 +152,38 @@ def _anyio_shield(task: asyncio.Task[object]) -> anyio.CancelScope | None:
         backend = sys.modules.get(_ANYIO_ASYNCIO)
         if backend is None:
             return None  # anyio's asyncio backend never ran in this process: no anyio scopes
+        states = getattr(backend, "_task_states", None)
         _anyio_backend.append(
-            (getattr(backend, "_task_states", None), getattr(backend, "CancelScope", None))
+            (
+                # a WeakKeyDictionary: look up in its own dict, without its Python get()
+                getattr(states, "data", None) if isinstance(states, WeakKeyDictionary) else None,
+                getattr(backend, "CancelScope", None),
+            )
         )
     states, scope_class = _anyio_backend[0]
     if states is None or scope_class is None:  # pragma: no cover - a future anyio
         return anyio.CancelScope(shield=True)
-    state = states.get(task)
+    state = states.get(ref(task))
     if state is None or getattr(state, "cancel_scope", True) is None:
         return None
     shield: anyio.CancelScope = scope_class(shield=True)  # what anyio.CancelScope() returns
     return shield
 
 
-# (task states, CancelScope class) of anyio's asyncio backend, once it has been imported.
+# (task states by weak reference, CancelScope class) of anyio's asyncio backend, once it has
+# been imported.
 _anyio_backend: list[tuple[Any, Any]] = []
 
 # The loop the last session scope ran on, and its thread.
 _last_loop: list[Any] = [None, None]
+
+# loop -> its running task: asyncio.current_task(loop) is a C function from Python 3.12; on
+# 3.10 and 3.11 it is a Python function around this dict lookup.
+_task_of: Callable[[Any], asyncio.Task[Any] | None]
+if sys.version_info >= (3, 12):
+    _task_of = asyncio.current_task
+else:
+    _task_of = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]  # noqa: SLF001
 
 
 def _current_task() -> asyncio.Task[Any] | None:
@@ -177,7 +196,7 @@ def _current_task() -> asyncio.Task[Any] | None:
     """
     loop, thread = _last_loop
     if thread == get_ident():
-        task = asyncio.current_task(loop)
+        task = _task_of(loop)
         if task is not None:
             return task
     try:
@@ -185,7 +204,7 @@ def _current_task() -> asyncio.Task[Any] | None:
     except RuntimeError:  # not on asyncio (or no loop)
         return None
     _last_loop[:] = (loop, get_ident())
-    return asyncio.current_task(loop)
+    return _task_of(loop)
 
 
 class SessionScope(Entry):
@@ -392,7 +411,7 @@ class SessionScope(Entry):
         """
         loop = self._loop
         # current_task(loop) is the exiting task without get_running_loop()'s system call.
-        task = None if loop is None else asyncio.current_task(loop)
+        task = None if loop is None else _task_of(loop)
         if task is None:
             return self._close_in_shield(anyio.CancelScope(shield=True), loop)
         shield = _anyio_shield(task)
@@ -401,17 +420,23 @@ class SessionScope(Entry):
         return self._close_in_shield(shield, loop)
 
     async def _close(self) -> bool:
+        """Close the session (roll back, return the connection); False if that failed."""
         try:
             await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
-        except Exception:
-            self._factory._registry.cleanup_failures += 1  # noqa: SLF001
-            logger.exception(
-                "reqscope: closing session %s failed; invalidating its connection",
-                self.session_id,
-                extra=self.log_fields(),
-            )
+        except Exception as error:
+            self._log_close_failure(error)
             return False
         return True
+
+    def _log_close_failure(self, error: Exception) -> None:
+        """Count and log a close that failed with ``error``."""
+        self._factory._registry.cleanup_failures += 1  # noqa: SLF001
+        logger.error(
+            "reqscope: closing session %s failed; invalidating its connection",
+            self.session_id,
+            exc_info=error,
+            extra=self.log_fields(),
+        )
 
     def _log_overdue(self) -> None:
         factory = self._factory
@@ -449,29 +474,34 @@ class SessionScope(Entry):
         The watchdog's cancellations are taken back (``Task.uncancel()``) once the cleanup
         ends, so the task is left as it was; a ``Task.cancel()`` from elsewhere that landed
         meanwhile still propagates, exactly as it does through an anyio shield.
+
+        The close is awaited here, not through :meth:`_close`: this is the path of every
+        request an ASGI server runs, and each coroutine frame costs again on every resumption
+        after an I/O wait (docs/performance.md).
         """
         factory = self._factory
         watchdog = factory._cleanup_watchdog  # noqa: SLF001
-        cancelling = getattr(task, "cancelling", None)  # both Python 3.11+
-        before = 0 if cancelling is None else cancelling()
+        before = task.cancelling() if _UNCANCEL else 0  # type: ignore[attr-defined]  # 3.11+
         clean = False
         cancelled: asyncio.CancelledError | None = None
         watchdog.watch(task, factory.cleanup_timeout, loop)
         try:
-            clean = await self._close()
+            await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
+            clean = True
         except asyncio.CancelledError as error:
             cancelled = error
+        except Exception as error:
+            self._log_close_failure(error)
         finally:
             cuts = watchdog.unwatch(task)
         if not cuts:
             if cancelled is not None:
                 raise cancelled  # not the watchdog's: the caller invalidates, it propagates
             return clean
-        uncancel = getattr(task, "uncancel", None)
-        if uncancel is not None:
+        if _UNCANCEL:
             for _ in range(cuts):
-                uncancel()
+                task.uncancel()  # type: ignore[attr-defined]  # 3.11+
         self._log_overdue()
-        if cancelled is not None and cancelling is not None and cancelling() > before:
+        if cancelled is not None and _UNCANCEL and task.cancelling() > before:  # type: ignore[attr-defined]
             raise asyncio.CancelledError  # a Task.cancel() from elsewhere landed too
         return False

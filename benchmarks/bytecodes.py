@@ -1,0 +1,138 @@
+"""Python bytecodes executed per request, reqscope vs plain, counted exactly.
+
+    python benchmarks/bytecodes.py [--postgres URL] [--requests 20] [--top 25]
+
+CPU time on this machine cannot resolve a 1 % change in one run (sessions.py), and valgrind's
+instruction counts (instructions.py) take minutes. This counts, with ``sys.settrace`` and
+``f_trace_opcodes``, every bytecode the interpreter executes for one ``SELECT 1`` request, by
+function: the same count on every run, in seconds. It is the Python-level work only (a C
+call counts as the one bytecode that makes it). Use it to compare two versions of the
+session scope and to see where the scope's work goes, not to predict the CPU ratio to a
+plain session: the plain session executes more bytecodes than the scoped one (its
+``__aexit__`` closes in a task of its own) and still costs less CPU at concurrency 100
+(docs/performance.md).
+
+Variants, each request in an asyncio task of its own as ASGI servers run them: "plain"
+(``async with async_sessionmaker()()``), "factory session, bare" (the factory's session class
+closed inline, none of the scope), "context given" (``factory.session(ctx)``, the context
+made beforehand) and "reqscope" (the context made in the request). Then the functions whose
+counts differ between the bare session and the scope: where the scope's bytecodes go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from types import FrameType
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from reqscope import IsolatedSessionFactory, PoolConfig, UserExecutionContext, build_engine
+
+POOL = PoolConfig(pool_size=20, max_overflow=0, pool_timeout=120.0)
+
+
+def count_bytecodes(counts: Counter[str]) -> Callable[[FrameType, str, Any], Any]:
+    """A trace function adding one to ``counts[function]`` per bytecode executed."""
+
+    def trace(frame: FrameType, event: str, _arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            code = frame.f_code
+            counts[f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}"] += 1
+        return trace
+
+    return trace
+
+
+async def per_request(run: Callable[[], Awaitable[None]], requests: int) -> dict[str, float]:
+    """Bytecodes per request of ``run``, by function, after a warm-up."""
+    loop = asyncio.get_running_loop()
+    for _ in range(50):  # warm up: pool filled, statements cached
+        await loop.create_task(run())
+    counts: Counter[str] = Counter()
+    sys.settrace(count_bytecodes(counts))
+    try:
+        for _ in range(requests):
+            await loop.create_task(run())
+    finally:
+        sys.settrace(None)
+    return {name: count / requests for name, count in counts.items()}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--postgres", default=os.environ.get("REQSCOPE_TEST_POSTGRES_URL"))
+    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--top", type=int, default=25, help="functions to list")
+    args = parser.parse_args()
+    print(f"command: python {' '.join(sys.argv)}")
+    database = "PostgreSQL" if args.postgres else "SQLite (the embedded default)"
+    print(f"python {sys.version.split()[0]}; database: {database}")
+    engine = build_engine(args.postgres, pool=POOL) if args.postgres else None
+    async with IsolatedSessionFactory(engine) as factory:  # None: the embedded SQLite file
+        url = factory.engine.url.render_as_string(hide_password=False)
+        plain_engine = build_engine(url, pool=POOL)  # untouched by reqscope, same settings
+        maker = async_sessionmaker(plain_engine, expire_on_commit=False)
+        ctx = UserExecutionContext.create("user-1")
+
+        async def plain() -> None:
+            async with maker() as session:
+                await session.execute(text("SELECT 1"))
+
+        async def bare() -> None:
+            session = factory._new_session()  # noqa: SLF001 - the session scope's own session
+            try:
+                await session.execute(text("SELECT 1"))
+            finally:
+                await session.close()
+
+        async def given() -> None:
+            async with factory.session(ctx) as session:
+                await session.execute(text("SELECT 1"))
+
+        async def scoped() -> None:
+            async with factory.session(UserExecutionContext.create("user-1")) as session:
+                await session.execute(text("SELECT 1"))
+
+        variants = {
+            "plain": plain,
+            "factory session, bare": bare,
+            "context given": given,
+            "reqscope": scoped,
+        }
+        counts = {name: await per_request(run, args.requests) for name, run in variants.items()}
+        await plain_engine.dispose()
+    if engine is not None:
+        await engine.dispose()
+    totals = {name: sum(by_function.values()) for name, by_function in counts.items()}
+    print("\n| variant | bytecodes/request | vs plain | vs bare |")
+    print("|---|---|---|---|")
+    for name, total in totals.items():
+        print(
+            f"| {name} | {total:,.0f} | {total / totals['plain']:.3f} | "
+            f"{total / totals['factory session, bare']:.3f} |"
+        )
+    bare_counts, scope_counts = counts["factory session, bare"], counts["context given"]
+    differences = {
+        name: scope_counts.get(name, 0.0) - bare_counts.get(name, 0.0)
+        for name in bare_counts.keys() | scope_counts.keys()
+        if not name.startswith("bytecodes.py:")  # the variants' own bodies
+    }
+    print(f"\ncontext given minus bare, by function (top {args.top}):")
+    print("| function | bytecodes/request |")
+    print("|---|---|")
+    ranked = sorted(differences.items(), key=lambda item: -abs(item[1]))
+    for name, difference in ranked[: args.top]:
+        if difference:
+            print(f"| {name} | {difference:+.0f} |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
