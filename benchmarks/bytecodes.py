@@ -12,11 +12,12 @@ plain session: the plain session executes more bytecodes than the scoped one (it
 ``__aexit__`` closes in a task of its own) and still costs less CPU at concurrency 100
 (docs/performance.md).
 
-Variants, each request in an asyncio task of its own as ASGI servers run them: "plain"
-(``async with async_sessionmaker()()``), "factory session, bare" (the factory's session class
-closed inline, none of the scope), "context given" (``factory.session(ctx)``, the context
-made beforehand) and "reqscope" (the context made in the request). Then the functions whose
-counts differ between the bare session and the scope: where the scope's bytecodes go.
+The variants are ``benchmarks/sessions.py``'s own, each request in an asyncio task of its
+own as ASGI servers run them: "plain" (``async with async_sessionmaker()()``), "factory
+session, bare" (the factory's session class closed inline, none of the scope), "reqscope,
+context given" (``factory.session(ctx)``, the context made beforehand) and "reqscope" (the
+context made in the request). Then the functions whose counts differ between the bare
+session and the scope: where the scope's bytecodes go.
 """
 
 from __future__ import annotations
@@ -30,12 +31,11 @@ from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sessions import DIAGNOSTICS, POOL, select_one, variants  # benchmarks/sessions.py
 
-from reqscope import IsolatedSessionFactory, PoolConfig, UserExecutionContext, build_engine
+from reqscope import IsolatedSessionFactory, build_engine
 
-POOL = PoolConfig(pool_size=20, max_overflow=0, pool_timeout=120.0)
+PLAIN, BARE, GIVEN = "plain", "factory session, bare", "reqscope, context given"
 
 
 def count_bytecodes(counts: Counter[str]) -> Callable[[FrameType, str, Any], Any]:
@@ -79,35 +79,12 @@ async def main() -> None:
     async with IsolatedSessionFactory(engine) as factory:  # None: the embedded SQLite file
         url = factory.engine.url.render_as_string(hide_password=False)
         plain_engine = build_engine(url, pool=POOL)  # untouched by reqscope, same settings
-        maker = async_sessionmaker(plain_engine, expire_on_commit=False)
-        ctx = UserExecutionContext.create("user-1")
-
-        async def plain() -> None:
-            async with maker() as session:
-                await session.execute(text("SELECT 1"))
-
-        async def bare() -> None:
-            session = factory._new_session()  # noqa: SLF001 - the session scope's own session
-            try:
-                await session.execute(text("SELECT 1"))
-            finally:
-                await session.close()
-
-        async def given() -> None:
-            async with factory.session(ctx) as session:
-                await session.execute(text("SELECT 1"))
-
-        async def scoped() -> None:
-            async with factory.session(UserExecutionContext.create("user-1")) as session:
-                await session.execute(text("SELECT 1"))
-
-        variants = {
-            "plain": plain,
-            "factory session, bare": bare,
-            "context given": given,
-            "reqscope": scoped,
+        DIAGNOSTICS[0] = True  # for "factory session, bare"
+        runs = variants(plain_engine, factory)  # the very variants sessions.py times
+        counts = {
+            name: await per_request(lambda run=runs[name]: run(select_one, "user-1"), args.requests)
+            for name in (PLAIN, BARE, GIVEN, "reqscope")
         }
-        counts = {name: await per_request(run, args.requests) for name, run in variants.items()}
         await plain_engine.dispose()
     if engine is not None:
         await engine.dispose()
@@ -119,13 +96,13 @@ async def main() -> None:
             f"| {name} | {total:,.0f} | {total / totals['plain']:.3f} | "
             f"{total / totals['factory session, bare']:.3f} |"
         )
-    bare_counts, scope_counts = counts["factory session, bare"], counts["context given"]
+    bare_counts, scope_counts = counts[BARE], counts[GIVEN]
     differences = {
         name: scope_counts.get(name, 0.0) - bare_counts.get(name, 0.0)
         for name in bare_counts.keys() | scope_counts.keys()
-        if not name.startswith("bytecodes.py:")  # the variants' own bodies
+        if not name.startswith("sessions.py:")  # the variants' own bodies
     }
-    print(f"\ncontext given minus bare, by function (top {args.top}):")
+    print(f"\n{GIVEN} minus {BARE}, by function (top {args.top}):")
     print("| function | bytecodes/request |")
     print("|---|---|")
     ranked = sorted(differences.items(), key=lambda item: -abs(item[1]))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import time
 import traceback
 from contextvars import Token
 from threading import get_ident
@@ -214,7 +213,9 @@ class SessionScope(Entry):
     which the session points at for its checks): one object per request, not two.
     """
 
-    __slots__ = ("_begin", "_factory", "_loop", "_probe", "_session", "_token")
+    __slots__ = ("_begin", "_loop", "_probe", "_session", "_token")
+
+    owner: IsolatedSessionFactory  # the record's owner is the factory that opens the scope
 
     def __init__(
         self,
@@ -235,7 +236,7 @@ class SessionScope(Entry):
             lifetime = factory.max_session_lifetime
         elif lifetime <= 0:
             raise ValueError(f"max_lifetime must be positive seconds, got {lifetime!r}")
-        self._factory = self.owner = factory
+        self.owner = factory
         self.ctx = ctx  # type: ignore[assignment]  # None: the current context, on entry
         self.lifetime = float(lifetime)
         self._begin = begin
@@ -251,7 +252,7 @@ class SessionScope(Entry):
                 "this session scope is already open or was used before; call "
                 "factory.session() again for a new one"
             )
-        factory = self._factory
+        factory = self.owner
         if factory._state == "closed":  # noqa: SLF001
             factory._check_open()  # noqa: SLF001 - raises the error that says what to do
         ctx = self.ctx
@@ -286,7 +287,7 @@ class SessionScope(Entry):
         self.state = _ACTIVE
         self.global_ = self.leak_reported = False
         self.connection = self.connection_guard = None
-        self.opened_mono = now = time.monotonic()
+        self.opened_mono = now = _monotonic()
         self.deadline = now + self.lifetime
         sync_session = session.sync_session
         sync_session._reqscope_entry = self  # type: ignore[attr-defined]  # noqa: SLF001 - our Session subclass
@@ -323,7 +324,7 @@ class SessionScope(Entry):
             # Interrupted mid-commit: the outcome is unknown, so never report success,
             # and never trust the connection again.
             error = commit_error
-            await self._factory._invalidate_gracefully(self.connection)  # noqa: SLF001
+            await self.owner._invalidate_gracefully(self.connection)  # noqa: SLF001
             raise
         finally:
             if error is not None:  # the commit's own error propagates as it is
@@ -336,7 +337,7 @@ class SessionScope(Entry):
         ``error`` (the block's exception) is raised as its reqscope translation, if it has
         one, when ``translate``.
         """
-        factory = self._factory
+        factory = self.owner
         registry = factory._registry  # noqa: SLF001
         try:
             conn = self.connection  # the latest transaction's connection, if it had one
@@ -385,13 +386,13 @@ class SessionScope(Entry):
 
     def _raise_translated(self, error: BaseException) -> None:
         """Raise the block's ``error`` as reqscope's error for it, if it has one."""
-        translated = self._factory._translate(error)  # noqa: SLF001
+        translated = self.owner._translate(error)  # noqa: SLF001
         if translated is not error:
             raise translated from error
 
     def _settle(self, error: BaseException | None, conn: Connection | None) -> None:
         """After a release: count a failure, tell the breaker, follow up a reported leak."""
-        factory = self._factory
+        factory = self.owner
         if error is not None:
             factory._registry.sessions_failed += 1  # noqa: SLF001
             breaker = factory.circuit_breaker
@@ -430,7 +431,7 @@ class SessionScope(Entry):
 
     def _log_close_failure(self, error: Exception) -> None:
         """Count and log a close that failed with ``error``."""
-        self._factory._registry.cleanup_failures += 1  # noqa: SLF001
+        self.owner._registry.cleanup_failures += 1  # noqa: SLF001
         logger.error(
             "reqscope: closing session %s failed; invalidating its connection",
             self.session_id,
@@ -439,7 +440,7 @@ class SessionScope(Entry):
         )
 
     def _log_overdue(self) -> None:
-        factory = self._factory
+        factory = self.owner
         factory._registry.cleanup_failures += 1  # noqa: SLF001
         logger.error(
             "reqscope: closing session %s took longer than cleanup_timeout=%s s; "
@@ -453,10 +454,10 @@ class SessionScope(Entry):
         self, shield: anyio.CancelScope, loop: asyncio.AbstractEventLoop | None
     ) -> bool:
         """Close inside an anyio shield scope, which the watchdog cancels when overdue."""
-        watchdog = self._factory._cleanup_watchdog  # noqa: SLF001
+        watchdog = self.owner._cleanup_watchdog  # noqa: SLF001
         clean = False
         with shield:
-            watchdog.watch(shield, self._factory.cleanup_timeout, loop)
+            watchdog.watch(shield, self.owner.cleanup_timeout, loop)
             try:
                 clean = await self._close()
             finally:
@@ -479,7 +480,7 @@ class SessionScope(Entry):
         request an ASGI server runs, and each coroutine frame costs again on every resumption
         after an I/O wait (docs/performance.md).
         """
-        factory = self._factory
+        factory = self.owner
         watchdog = factory._cleanup_watchdog  # noqa: SLF001
         before = task.cancelling() if _UNCANCEL else 0  # type: ignore[attr-defined]  # 3.11+
         clean = False
