@@ -179,7 +179,7 @@ def diagnostic_variants(
             await workload(session, user)
 
     async def unbounded_cleanup(workload: Workload, user: str) -> None:
-        async with _UnboundedCleanupScope(factory, contexts[user], None, begin=False) as session:
+        async with _UnboundedCleanupScope(factory, contexts[user], None) as session:
             await workload(session, user)
 
     return {

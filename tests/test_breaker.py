@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
 import anyio
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
@@ -26,6 +29,31 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@given(
+    st.lists(st.sampled_from(["failure", "success", "wait", "call", "release"]), max_size=40),
+    st.integers(min_value=1, max_value=4),
+)
+def test_a_circuit_that_is_not_closed_always_has_failures(steps: list[str], threshold: int) -> None:
+    # Sessions test consecutive_failures alone for "anything to reset" (one test per
+    # request instead of two): that is right only while this holds.
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=threshold, recovery_timeout=10, clock=clock)
+    for step in steps:
+        if step == "failure":
+            breaker.record_failure()
+        elif step == "success":
+            breaker.record_success()
+        elif step == "wait":
+            clock.now += 10
+        elif step == "call":
+            with contextlib.suppress(CircuitOpenError):
+                breaker.before_call()
+        else:
+            breaker.release_probe()
+        if breaker.state is not CircuitState.CLOSED:
+            assert breaker.consecutive_failures >= 1
 
 
 def test_state_machine() -> None:

@@ -48,7 +48,10 @@ async def test_a_leak_is_logged_reclaimed_and_poisoned(database, alice, caplog) 
                 await session.execute(text("SELECT 1"))
             with pytest.raises(SessionScopeError):  # a SessionReclaimedError is one
                 await session.execute(text("SELECT 1"))
+            # reclaimed is closed (its connection is gone), though its block has not ended
+            assert (factory.metrics().sessions_opened, factory.metrics().sessions_closed) == (2, 2)
         metrics = factory.metrics()
+        assert (metrics.sessions_opened, metrics.sessions_closed) == (2, 2)  # not counted twice
         assert metrics.leaks_detected == 1
         assert metrics.leaks_reclaimed == 1
         assert metrics.active_sessions == 0
@@ -73,9 +76,11 @@ async def test_unreclaimed_leak_logs_a_follow_up_when_it_closes(database, alice,
             assert report.stack is None
             assert factory.leak_detector.scan() == []  # reported once
             assert factory.metrics().active_sessions == 1
+            assert factory.metrics().sessions_closed == 0  # a leak left open is open
             assert len(factory.active_sessions()) == 1
             assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
         assert factory.metrics().active_sessions == 0
+        assert factory.metrics().sessions_closed == 1
     follow_up = [r for r in caplog.records if "finally closed" in r.getMessage()]
     assert len(follow_up) == 1
     assert follow_up[0].held >= 0.1
@@ -151,3 +156,21 @@ def test_registry_discard_and_buckets() -> None:
     registry.keep_reported(short)
     registry.discard(short)
     assert list(registry.entries()) == [long_]
+    assert (registry.sessions_opened, registry.sessions_closed, len(registry)) == (2, 1, 1)
+
+
+def test_an_empty_bucket_waits_for_the_next_scan() -> None:
+    # A request does not pay for removing its lifetime's bucket: the leak scan drops it.
+    registry = SessionRegistry()
+    short, long_ = _entry(1, 1.0), _entry(2, 100.0)
+    registry.add(short)
+    registry.add(long_)
+    registry.discard(short)
+    assert sorted(registry._buckets) == [1.0, 100.0]
+    assert list(registry.pop_expired(time.monotonic())) == []
+    assert sorted(registry._buckets) == [100.0]
+    again = _entry(3, 1.0)
+    registry.add(again)  # the lifetime comes back: a new bucket, scanned as before
+    assert list(registry.pop_expired(time.monotonic() + 2)) == [again]
+    assert (registry.sessions_opened, registry.sessions_closed, registry.peak_active) == (3, 2, 2)
+    assert sorted(registry._buckets) == [100.0]

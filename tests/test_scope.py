@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
 
-from reqscope._scope import CleanupWatchdog, _anyio_shield
+from reqscope import IsolatedSessionFactory, UserExecutionContext
+from reqscope._scope import CleanupWatchdog
 
 pytestmark = pytest.mark.anyio
 
@@ -70,29 +72,41 @@ async def test_shielded_cleanup_ignores_outer_cancellation_but_not_the_watchdog(
 # -- which cleanups need anyio's shield -----------------------------------------------------
 
 
-async def test_only_tasks_inside_an_anyio_scope_get_a_shield() -> None:
-    # This reads anyio's private per-task records: if an anyio release changes them, this
+async def test_only_cleanups_in_tasks_inside_an_anyio_scope_get_a_shield(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The scope reads anyio's private per-task records: if an anyio release changes them, this
     # test is what says so (reqscope then falls back to anyio.CancelScope, never to less).
-    seen: dict[str, anyio.CancelScope | None] = {}
+    watched: dict[str, object] = {}
+    real = CleanupWatchdog.watch
+    current = ["?"]
 
-    async def look(name: str) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        seen[name] = _anyio_shield(task)
+    def spy(self: CleanupWatchdog, scope: object, *args: Any) -> None:
+        watched[current[0]] = scope  # the task itself, or the shield scope it closes in
+        real(self, scope, *args)  # type: ignore[arg-type]
 
-    async def enters_and_leaves_a_scope() -> None:
-        with anyio.CancelScope():
-            await look("plain task, inside a CancelScope")
-        await look("plain task, after its CancelScope")
+    monkeypatch.setattr(CleanupWatchdog, "watch", spy)
+    async with IsolatedSessionFactory() as factory:
 
-    await asyncio.get_running_loop().create_task(look("plain asyncio task"))
-    await asyncio.get_running_loop().create_task(enters_and_leaves_a_scope())
-    async with anyio.create_task_group() as group:
-        group.start_soon(look, "task-group task")
-    assert seen["plain asyncio task"] is None
-    assert seen["plain task, after its CancelScope"] is None
+        async def request(name: str) -> None:
+            current[0] = name
+            async with factory.session(UserExecutionContext.create("u")):
+                pass
+
+        async def enters_and_leaves_a_scope() -> None:
+            with anyio.CancelScope():
+                await request("plain task, inside a CancelScope")
+            await request("plain task, after its CancelScope")
+
+        loop = asyncio.get_running_loop()
+        await loop.create_task(request("plain asyncio task"))
+        await loop.create_task(enters_and_leaves_a_scope())
+        async with anyio.create_task_group() as group:
+            group.start_soon(request, "task-group task")
+    assert isinstance(watched["plain asyncio task"], asyncio.Task)
+    assert isinstance(watched["plain task, after its CancelScope"], asyncio.Task)
     for name in ("plain task, inside a CancelScope", "task-group task"):
-        shield = seen[name]
+        shield = watched[name]
         assert isinstance(shield, anyio.CancelScope), name
         assert shield.shield, name
 
@@ -138,21 +152,28 @@ async def test_an_unwatched_task_in_time_was_never_cut() -> None:
 # -- the running task, without get_running_loop()'s system call -----------------------------
 
 
-async def test_current_task_is_the_callers_own_task() -> None:
-    from reqscope._scope import _current_task
-
-    assert _current_task() is asyncio.current_task()
-
-    async def own() -> bool:
-        return _current_task() is asyncio.current_task()
-
-    assert await asyncio.get_running_loop().create_task(own())
+async def opened_by(factory: IsolatedSessionFactory) -> asyncio.Task[Any] | None:
+    """The task a session scope records as the one that opened it."""
+    scope = factory.session(UserExecutionContext.create("u"))
+    async with scope:
+        return scope.task
 
 
-async def test_current_task_is_never_another_threads_task() -> None:
-    # Another thread's loop was the last one remembered, and is in the middle of a task step
-    # right now (a blocking call inside its task): asking from this thread must still give
-    # this thread's task, not that one.
+async def test_a_scope_records_the_callers_own_task() -> None:
+    async with IsolatedSessionFactory() as factory:
+        assert await opened_by(factory) is asyncio.current_task()
+
+        async def own() -> bool:
+            return await opened_by(factory) is asyncio.current_task()
+
+        assert await asyncio.get_running_loop().create_task(own())
+        assert await asyncio.get_running_loop().create_task(own())  # the remembered loop
+
+
+async def test_a_scope_never_records_another_threads_task() -> None:
+    # Another thread's loop was the last one a scope found, and is in the middle of a task
+    # step right now (a blocking call inside its task): a scope opened from this thread must
+    # still record this thread's task, not that one.
     import threading
 
     from reqscope import _scope
@@ -163,32 +184,37 @@ async def test_current_task_is_never_another_threads_task() -> None:
 
     def other_thread() -> None:
         async def main() -> None:
-            seen["task"] = _scope._current_task()  # remembers this thread's loop
-            in_step.set()
-            release.wait(10)  # blocks the step: this loop's task stays current
+            async with IsolatedSessionFactory() as factory:
+                scope = factory.session(UserExecutionContext.create("other"))
+                async with scope:  # remembers this thread's loop
+                    seen["task"] = scope.task
+                    in_step.set()
+                    release.wait(10)  # blocks the step: this loop's task stays current
 
         asyncio.run(main())
 
-    thread = threading.Thread(target=other_thread)
-    thread.start()
-    try:
-        assert await anyio.to_thread.run_sync(in_step.wait, 10)
-        assert _scope._last_loop[1] == thread.ident  # the other thread's loop is remembered
-        mine = _scope._current_task()
-    finally:
-        release.set()
-        thread.join()
+    async with IsolatedSessionFactory() as factory:
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        try:
+            assert await anyio.to_thread.run_sync(in_step.wait, 10)
+            assert _scope._last_loop[1] == thread.ident  # the other thread's loop is remembered
+            mine = await opened_by(factory)
+        finally:
+            release.set()
+            thread.join()
     assert seen["task"] is not None
     assert mine is asyncio.current_task()
     assert mine is not seen["task"]
 
 
-def test_current_task_outside_a_task_is_none_and_a_new_loop_is_found() -> None:
-    from reqscope._scope import _current_task
+def test_a_scope_outside_a_task_records_none_and_a_new_loop_is_found() -> None:
+    from reqscope._scope import _running_loop_and_task
 
     async def found() -> bool:
-        return _current_task() is asyncio.current_task() is not None
+        async with IsolatedSessionFactory() as factory:
+            return await opened_by(factory) is asyncio.current_task() is not None
 
     assert asyncio.run(found())  # remembers that loop, on this thread
-    assert _current_task() is None  # that loop no longer runs
+    assert _running_loop_and_task() == (None, None)  # that loop no longer runs
     assert asyncio.run(found())  # a new loop on the same thread

@@ -374,16 +374,18 @@ async def run_as(runner: str, request: Callable[[], Awaitable[None]]) -> None:
 
 
 def count_deadline_cleanups(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    from reqscope._scope import SessionScope
+    """Record each cleanup that took the plain-asyncio path: the watchdog watched the task."""
+    from reqscope._scope import CleanupWatchdog
 
     calls: list[bool] = []
-    real = SessionScope._close_with_deadline
+    real = CleanupWatchdog.watch
 
-    async def spy(self, *args):  # type: ignore[no-untyped-def]
-        calls.append(True)
-        return await real(self, *args)
+    def spy(self, scope, *args):  # type: ignore[no-untyped-def]
+        if isinstance(scope, asyncio.Task):
+            calls.append(True)
+        real(self, scope, *args)
 
-    monkeypatch.setattr(SessionScope, "_close_with_deadline", spy)
+    monkeypatch.setattr(CleanupWatchdog, "watch", spy)
     return calls
 
 

@@ -92,6 +92,9 @@ class CircuitBreaker:
         self.recovery_timeout = recovery_timeout
         self._clock = clock
         self._state = CircuitState.CLOSED
+        # Consecutive connection failures: at least 1 whenever the circuit is not closed (it
+        # opens only on a failure, and only a success closes it and resets them), so
+        # sessions test this alone for "anything to reset".
         self._failures = 0
         self._opened_at = 0.0
         self._probing = False

@@ -28,7 +28,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.util import memoized_property
 
-from reqscope._breaker import CircuitState
 from reqscope._context import _current
 from reqscope._registry import Entry, EntryState, SessionTags
 from reqscope.exceptions import (
@@ -63,7 +62,6 @@ _TAG_KEYS: Final = (
 )
 
 _ACTIVE: Final = EntryState.ACTIVE
-_CIRCUIT_CLOSED: Final = CircuitState.CLOSED
 
 
 def _lookup(session: Session) -> Entry | None:
@@ -94,7 +92,7 @@ class ReqscopeSession(Session):
             return super().connection(*args, **kwargs)
         _check(entry, "connection")
         conn = super().connection(*args, **kwargs)
-        guard = entry.connection_guard
+        guard = getattr(entry, "connection_guard", None)
         if guard is None:
             guard = entry.connection_guard = functools.partial(_guard_connection, entry)
         if not event.contains(conn, "before_execute", guard):
@@ -105,8 +103,11 @@ class ReqscopeSession(Session):
 
         def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
             entry = self._reqscope_entry
-            if entry is not None:
-                _check(entry, "execute")
+            # _check(entry, "execute"), written out: this runs for every statement
+            if entry is not None and (
+                entry.state is not _ACTIVE or _current.get() not in (entry.ctx, None)
+            ):
+                _enforce(entry, "execute")
             return super()._execute_internal(*args, **kwargs)
 
 
@@ -130,13 +131,13 @@ def _check(entry: Entry, operation: str) -> None:
     The fast path (the current context is the scope's own, or none) runs on every
     statement, so it is one expression.
     """
-    if entry.state is not _ACTIVE or entry.global_ or _current.get() not in (entry.ctx, None):
+    if entry.state is not _ACTIVE or _current.get() not in (entry.ctx, None):
         _enforce(entry, operation)
 
 
 def _enforce(entry: Entry, operation: str) -> None:
     """Refuse ``operation`` on ``entry``'s session unless it is legal here and now."""
-    if entry.state is EntryState.ACTIVE and not entry.global_:
+    if entry.state is EntryState.ACTIVE:
         factory: IsolatedSessionFactory = entry.owner
         if not factory.enforce_owner:
             return
@@ -177,7 +178,7 @@ def _enforce(entry: Entry, operation: str) -> None:
             "factory.session() for work that is meant to take longer"
         )
         error: SessionScopeError = SessionReclaimedError(message)
-    elif entry.global_:
+    elif entry.state is EntryState.GLOBAL:
         error = SessionScopeError(
             f"{operation}: session {entry.session_id} is marked global; request code must "
             "use its own session from factory.session(ctx)"
@@ -212,8 +213,10 @@ def _on_begin(session: Session, _transaction: SessionTransaction, connection: Co
         return
     if entry.connection is None:  # its first connection (kept until the scope ends)
         breaker = entry.owner.circuit_breaker
-        if breaker._state is not _CIRCUIT_CLOSED or breaker._failures:  # noqa: SLF001
-            breaker.record_success()  # else it has nothing to reset: a call per request saved
+        # A circuit that is not closed has failures too (CircuitBreaker): one test, and no
+        # call when there is nothing to reset.
+        if breaker._failures:  # noqa: SLF001
+            breaker.record_success()
     entry.connection = connection
     tenant = entry.tenant
     if tenant is not None and tenant[0].rls and connection.dialect.name == "postgresql":
@@ -316,7 +319,7 @@ def validate_session_is_request_scoped(
             f"{where}this session is not managed by an IsolatedSessionFactory (a global or "
             "hand-made session?); use `async with factory.session(ctx) as session`"
         )
-    if entry.global_:
+    if entry.state is EntryState.GLOBAL:
         raise SessionScopeError(f"{where}session {entry.session_id} is marked global")
     if entry.state is EntryState.RECLAIMED:
         raise SessionReclaimedError(
@@ -333,5 +336,5 @@ def mark_session_as_global(session: AsyncSession | Session) -> None:
     """Mark a session as global (legacy code under test): every later use is refused."""
     session.info["is_request_scoped"] = False
     entry = _entry_of(session)
-    if entry is not None:
-        entry.global_ = True
+    if entry is not None and entry.state is EntryState.ACTIVE:  # an ended one stays refused
+        entry.state = EntryState.GLOBAL

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Final
 from reqscope._context import new_id
 
 if TYPE_CHECKING:
+    import asyncio
+
     from sqlalchemy.engine import Connection
 
     from reqscope._breaker import CircuitState
@@ -99,6 +101,7 @@ class EntryState(enum.Enum):
     """Where a session is in its life."""
 
     ACTIVE = "active"
+    GLOBAL = "global"  # open, but marked global (mark_session_as_global): every use refused
     RECLAIMED = "reclaimed"
     CLOSED = "closed"
 
@@ -109,29 +112,29 @@ _ACTIVE: Final = EntryState.ACTIVE
 class Entry:
     """The factory's private bookkeeping for one open session.
 
-    The session id and the opening time as a datetime are made on first use (tags, logs,
-    records): most sessions never need them, and each costs about as much as a Python call.
     A factory's own sessions are recorded by their :class:`~reqscope._scope.SessionScope`,
-    a subclass: one object per request instead of two.
+    a subclass: one object per request instead of two. What most sessions never need is
+    left unset until it is first read (each store costs a request as much as a few bytecodes
+    of work): the session id and the opening time as a datetime are made on first use, and
+    ``_stack`` and ``connection_guard`` are set only when there is one (read them with a
+    default).
     """
 
     __slots__ = (
         "__weakref__",
         "_opened_at",
         "_session_id",
+        "_stack",
         "bypass_tenant",
         "connection",
         "connection_guard",
         "ctx",
         "deadline",
-        "global_",
         "leak_reported",
         "lifetime",
-        "opened_mono",
         "owner",
-        "stack",
         "state",
-        "task_name",
+        "task",
         "tenant",
     )
 
@@ -141,37 +144,46 @@ class Entry:
         ctx: UserExecutionContext,
         opened_at: dt.datetime | None,
         lifetime: float,
-        task_name: str | None,
+        task: asyncio.Task[Any] | None,
         stack: str | None,
     ) -> None:
-        self._session_id = session_id  # None: a fresh id on first use
+        if session_id is not None:  # else a fresh id on first use
+            self._session_id = session_id
+        if opened_at is not None:  # else derived from the monotonic opening time on first use
+            self._opened_at = opened_at
+        if stack is not None:
+            self._stack = stack
         self.ctx = ctx
-        self._opened_at = opened_at  # None: from opened_mono on first use
-        self.opened_mono = time.monotonic()
         self.lifetime = lifetime
-        self.deadline = self.opened_mono + lifetime
-        self.task_name = task_name
-        self.stack = stack
-        self.state = _ACTIVE
-        self.global_ = False
+        self.deadline = time.monotonic() + lifetime
+        self.task = task
+        self.state: EntryState | None = _ACTIVE  # None: a scope not entered yet
         self.leak_reported = False
         # The connection of the session's latest transaction (set in after_begin; None
         # until the session first gets one).
         self.connection: Connection | None = None
-        # before_execute listener put on that connection once session.connection() hands it out
-        self.connection_guard: Callable[..., None] | None = None
         self.owner: Any = None  # the IsolatedSessionFactory that opened it
         self.bypass_tenant = False
         # (policy, user id) this session is confined to; None without a policy or in bypass.
         self.tenant: tuple[TenantPolicy, str] | None = None
 
+    # Set only once session.connection() hands out a connection: the before_execute listener
+    # put on it (read with getattr(entry, "connection_guard", None)).
+    connection_guard: Callable[..., None]
+
     @property
     def session_id(self) -> str:
         """The session's id: 32 random hex digits, fixed on first use."""
-        session_id = self._session_id
-        if session_id is None:
+        try:
+            return self._session_id
+        except AttributeError:  # first use
             session_id = self._session_id = new_id()
-        return session_id
+            return session_id
+
+    @property
+    def opened_mono(self) -> float:
+        """When the session was opened, on the monotonic clock."""
+        return self.deadline - self.lifetime
 
     @property
     def opened_at(self) -> dt.datetime:
@@ -180,20 +192,32 @@ class Entry:
         Derived from the monotonic opening time, so opening a session reads one clock, not
         two: the wall clock now, less the session's age.
         """
-        opened_at = self._opened_at
-        if opened_at is None:
+        try:
+            return self._opened_at
+        except AttributeError:  # first use
             age = time.monotonic() - self.opened_mono
             opened_at = self._opened_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(
                 seconds=age
             )
-        return opened_at
+            return opened_at
+
+    @property
+    def stack(self) -> str | None:
+        """Where the session was opened, when the factory captures stacks."""
+        return getattr(self, "_stack", None)
+
+    @property
+    def task_name(self) -> str | None:
+        """The name of the asyncio task that opened the session (None outside one)."""
+        task = self.task
+        return None if task is None else task.get_name()
 
     def tags(self) -> dict[str, Any]:
         """The ``session.info`` keys that say who owns the session."""
         return {
             **self.log_fields(),  # the session id and the context's four ids
             "created_at": self.opened_at,
-            "is_request_scoped": not self.global_,
+            "is_request_scoped": self.state is not EntryState.GLOBAL,
             "factory_managed": True,
         }
 
@@ -233,7 +257,6 @@ class SessionRegistry:
     """Open sessions by lifetime bucket, plus reported-but-unreclaimed leaks, plus counters."""
 
     __slots__ = (
-        "_active",
         "_buckets",
         "_reported",
         "cleanup_failures",
@@ -250,8 +273,9 @@ class SessionRegistry:
     def __init__(self) -> None:
         self._buckets: dict[float, OrderedDict[Entry, Entry]] = {}
         self._reported: dict[Entry, Entry] = {}
-        self._active = 0
+        # Open sessions are those opened and not closed: two counters, not three.
         self.sessions_opened = 0
+        # Ended by their scope or reclaimed as leaks (a leak kept open counts as open again).
         self.sessions_closed = 0
         self.sessions_failed = 0
         self.leaks_detected = 0
@@ -262,46 +286,55 @@ class SessionRegistry:
         self.peak_active = 0
 
     def __len__(self) -> int:
-        return self._active
+        return self.sessions_opened - self.sessions_closed
 
     def add(self, entry: Entry) -> None:
         """Register a newly opened session."""
-        bucket = self._buckets.get(entry.lifetime)
-        if bucket is None:
-            bucket = self._buckets[entry.lifetime] = OrderedDict()
-        bucket[entry] = entry
-        self.sessions_opened += 1
-        active = self._active = self._active + 1
-        if active > self.peak_active:  # noqa: PLR1730 - max() is a call on the hot path
-            self.peak_active = active
+        try:  # the bucket exists, except for the first session of a lifetime: no get() call
+            self._buckets[entry.lifetime][entry] = entry
+        except KeyError:
+            self._buckets[entry.lifetime] = OrderedDict(((entry, entry),))
+        opened = self.sessions_opened = self.sessions_opened + 1
+        if opened - self.sessions_closed > self.peak_active:  # noqa: PLR1730 - max() is a call
+            self.peak_active = opened - self.sessions_closed
 
     def discard(self, entry: Entry) -> None:
-        """Forget a session (closed or reclaimed); a no-op when already gone."""
-        bucket = self._buckets.get(entry.lifetime)
-        if bucket is not None and bucket.pop(entry, None) is not None:
-            self._active -= 1
-            if not bucket and len(self._buckets) > 1:
-                del self._buckets[entry.lifetime]
+        """Forget a session (closed or reclaimed); a no-op when already gone.
+
+        A bucket left empty stays until the next leak scan (:meth:`pop_expired`), so that the
+        next session of its lifetime finds it: a request does not pay for removing it.
+        """
+        try:
+            del self._buckets[entry.lifetime][entry]
+        except KeyError:  # reported as a leak, reclaimed, or discarded already
+            if self._reported.pop(entry, None) is not None:
+                self.sessions_closed += 1
             return
-        if self._reported.pop(entry, None) is not None:
-            self._active -= 1
+        self.sessions_closed += 1
 
     def pop_expired(self, now: float) -> Iterator[Entry]:
-        """Yield and unlink entries whose deadline passed, oldest first, per bucket."""
-        for bucket in list(self._buckets.values()):
+        """Yield and unlink entries whose deadline passed, oldest first, per bucket.
+
+        Empty buckets are dropped here, so a pass costs O(expired sessions + lifetimes in
+        use since the last pass).
+        """
+        buckets = self._buckets
+        for lifetime, bucket in list(buckets.items()):
             while bucket:
                 entry = next(iter(bucket.values()))
                 if entry.deadline > now:
                     break
                 bucket.popitem(last=False)
-                self._active -= 1
+                self.sessions_closed += 1  # reclaimed, or kept open again (keep_reported)
                 yield entry
+            if not bucket and buckets.get(lifetime) is bucket:
+                del buckets[lifetime]
 
     def keep_reported(self, entry: Entry) -> None:
         """Keep a reported, unreclaimed leak as active without scanning it again."""
         if entry not in self._reported:
             self._reported[entry] = entry
-            self._active += 1
+            self.sessions_closed -= 1
 
     def entries(self) -> Iterator[Entry]:
         """Every open session, oldest first within each bucket."""

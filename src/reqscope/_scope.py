@@ -20,7 +20,7 @@ import traceback
 from contextvars import Token
 from threading import get_ident
 from time import monotonic as _monotonic
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 from weakref import WeakKeyDictionary, ref
 
 import anyio
@@ -41,11 +41,13 @@ if TYPE_CHECKING:
 
     from reqscope._sessions import IsolatedSessionFactory
 
-__all__ = ["CleanupWatchdog", "SessionScope"]
+__all__ = ["CleanupWatchdog", "CommitScope", "SessionScope"]
 
 logger = logging.getLogger("reqscope")
 
 _ACTIVE: Final = EntryState.ACTIVE
+_CLOSED: Final = EntryState.CLOSED
+_RECLAIMED: Final = EntryState.RECLAIMED
 _CIRCUIT_CLOSED: Final = CircuitState.CLOSED
 
 
@@ -59,20 +61,21 @@ class CleanupWatchdog:
 
     - an anyio shield scope (the cleanup runs inside an anyio cancel scope): cancelled once,
       which anyio keeps delivering until the scope exits;
-    - an asyncio task (no anyio scope can reach it, :func:`_anyio_shield`): only
+    - an asyncio task (no anyio scope can reach it, :func:`_anyio_internals`): only
       ``Task.cancel()`` can interrupt it, so the watchdog cancels the task at the deadline
       and again every ``timeout`` seconds until it is unwatched (a driver may swallow one
       cancellation); :meth:`unwatch` says how many cancellations it sent.
     """
 
-    __slots__ = ("_cuts", "_handle", "_loop", "_pending")
+    __slots__ = ("_armed_on", "_cuts", "_handle", "_loop", "_pending")
 
     def __init__(self) -> None:
-        # scope or task -> (deadline on the loop's clock, timeout)
+        # scope or task -> (deadline on the monotonic clock, timeout)
         self._pending: dict[anyio.CancelScope | asyncio.Task[Any], tuple[float, float]] = {}
         self._cuts: dict[asyncio.Task[Any], int] = {}  # tasks cancelled while watched
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._armed_on: asyncio.AbstractEventLoop | None = None  # _loop while _handle is set
 
     def watch(
         self,
@@ -86,6 +89,12 @@ class CleanupWatchdog:
         ``asyncio.get_running_loop()`` costs a system call. Deadlines are on the monotonic
         clock (what asyncio's ``loop.time()`` reads, without a Python call).
         """
+        if loop is None or loop is not self._armed_on:  # one test while the timer is armed
+            self._arm(loop, timeout)
+        self._pending[scope] = (_monotonic() + timeout, timeout)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop | None, timeout: float) -> None:
+        """Make sure the timer runs on ``loop`` (the running one when None)."""
         if loop is None:
             loop = asyncio.get_running_loop()
         if loop is not self._loop:  # first use, or the factory moved to another loop
@@ -94,9 +103,9 @@ class CleanupWatchdog:
             self._pending.clear()
             self._cuts.clear()
             self._loop, self._handle = loop, None
-        self._pending[scope] = (_monotonic() + timeout, timeout)
         if self._handle is None:
             self._handle = loop.call_later(timeout, self._expire)
+        self._armed_on = loop
 
     def unwatch(self, scope: anyio.CancelScope | asyncio.Task[Any]) -> int:
         """Stop watching ``scope`` (its cleanup finished).
@@ -115,7 +124,7 @@ class CleanupWatchdog:
     def _expire(self) -> None:
         loop = self._loop
         assert loop is not None  # noqa: S101 - armed by watch()
-        self._handle = None
+        self._handle = self._armed_on = None
         now = _monotonic()
         pending = self._pending
         overdue = [(scope, timeout) for scope, (at, timeout) in pending.items() if at <= now]
@@ -130,50 +139,56 @@ class CleanupWatchdog:
         if pending:
             earliest = min(at for at, _ in pending.values())
             self._handle = loop.call_later(max(0.0, earliest - now), self._expire)
+            self._armed_on = loop
 
 
-_ANYIO_ASYNCIO: Final = "anyio._backends._asyncio"
 # Task.cancelling() and Task.uncancel(), Python 3.11+
 _UNCANCEL: Final = sys.version_info >= (3, 11)
 
 
-def _anyio_shield(task: asyncio.Task[object]) -> anyio.CancelScope | None:
-    """The anyio shield a cleanup in ``task`` needs, or None when no anyio scope encloses it.
+class _EveryTaskInAScope:
+    """Stands in for anyio's task records when they cannot be read (a future anyio).
 
-    anyio cancels a task only through the cancel scopes it is inside, and it records them
-    per task (``_task_states``); a task it never saw inside a scope (a plain asyncio task,
-    as servers such as uvicorn run requests in) cannot receive an anyio cancellation, so a
-    shield would only cost: three system calls on Python 3.10/3.11 and most of what
-    reqscope adds to such a request (docs/performance.md). An anyio without these
-    internals gets the public ``anyio.CancelScope``: always safe, only slower.
+    Every task then counts as inside an anyio cancel scope, so every cleanup gets the
+    public, always safe ``anyio.CancelScope`` shield: only slower.
     """
-    if not _anyio_backend:
-        backend = sys.modules.get(_ANYIO_ASYNCIO)
-        if backend is None:
-            return None  # anyio's asyncio backend never ran in this process: no anyio scopes
-        states = getattr(backend, "_task_states", None)
-        _anyio_backend.append(
-            (
-                # a WeakKeyDictionary: look up in its own dict, without its Python get()
-                getattr(states, "data", None) if isinstance(states, WeakKeyDictionary) else None,
-                getattr(backend, "CancelScope", None),
-            )
-        )
-    states, scope_class = _anyio_backend[0]
-    if states is None or scope_class is None:  # pragma: no cover - a future anyio
-        return anyio.CancelScope(shield=True)
-    state = states.get(ref(task))
-    if state is None or getattr(state, "cancel_scope", True) is None:
-        return None
-    shield: anyio.CancelScope = scope_class(shield=True)  # what anyio.CancelScope() returns
-    return shield
+
+    cancel_scope = True
+
+    def get(self, _task_ref: object) -> _EveryTaskInAScope:
+        return self
 
 
-# (task states by weak reference, CancelScope class) of anyio's asyncio backend, once it has
-# been imported.
-_anyio_backend: list[tuple[Any, Any]] = []
+def _anyio_internals() -> tuple[Any, Any]:
+    """Return anyio's per-task records (by weak key) and its asyncio ``CancelScope`` class.
 
-# The loop the last session scope ran on, and its thread.
+    A cleanup needs anyio's shield only in a task that anyio may cancel, that is a task
+    inside one of its cancel scopes; anyio records them per task (``_task_states``, a
+    ``WeakKeyDictionary``; its own dict is read, without the Python ``get()``). A plain
+    asyncio task, as servers such as uvicorn run requests in, has no record: a shield there
+    would only cost (three system calls on Python 3.10/3.11, and most of what reqscope adds
+    to such a request: docs/performance.md).
+    """
+    try:
+        from anyio._backends import _asyncio as backend  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - a future anyio
+        return _EveryTaskInAScope(), anyio.CancelScope
+    states = getattr(backend, "_task_states", None)
+    record = getattr(backend, "TaskState", None)
+    scope_class = getattr(backend, "CancelScope", None)
+    if (
+        not isinstance(states, WeakKeyDictionary)
+        or "cancel_scope" not in getattr(record, "__slots__", ())
+        or scope_class is None
+    ):  # pragma: no cover - a future anyio
+        return _EveryTaskInAScope(), anyio.CancelScope
+    return states.data, scope_class  # type: ignore[attr-defined]  # the dict behind it
+
+
+# task weak reference -> anyio's record of it; what anyio.CancelScope() makes on asyncio
+_TASK_STATES, _ShieldScope = _anyio_internals()
+
+# The loop the last session scope found running, and its thread.
 _last_loop: list[Any] = [None, None]
 
 # loop -> its running task: asyncio.current_task(loop) is a C function from Python 3.12; on
@@ -185,25 +200,21 @@ else:
     _task_of = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]  # noqa: SLF001
 
 
-def _current_task() -> asyncio.Task[Any] | None:
-    """The running asyncio task, or None outside one.
+def _running_loop_and_task() -> tuple[Any, asyncio.Task[Any] | None]:
+    """The running loop and task, asked of asyncio; remembered for the next scope.
 
-    ``asyncio.current_task()`` asks ``get_running_loop()``, which on Python 3.10 and 3.11
-    is a system call. Asking the loop the last scope ran on is not, and it is exact: on one
-    thread only one loop runs at a time, and a loop has a current task only while it runs
-    one, so a task that loop reports on this same thread is the caller's.
+    A scope first asks the loop the last scope found (``_last_loop``) for its current task,
+    without ``get_running_loop()``, which on Python 3.10 and 3.11 is a system call. That is
+    exact: on one thread only one loop runs at a time, and a loop has a current task only
+    while it runs one, so a task the remembered loop reports on the thread that remembered it
+    is the caller's. Only when it reports none, or on another thread, is asyncio asked.
     """
-    loop, thread = _last_loop
-    if thread == get_ident():
-        task = _task_of(loop)
-        if task is not None:
-            return task
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # not on asyncio (or no loop)
-        return None
+        return None, None
     _last_loop[:] = (loop, get_ident())
-    return _task_of(loop)
+    return loop, _task_of(loop)
 
 
 class SessionScope(Entry):
@@ -213,9 +224,14 @@ class SessionScope(Entry):
     which the session points at for its checks): one object per request, not two.
     """
 
-    __slots__ = ("_begin", "_loop", "_probe", "_session", "_token")
+    __slots__ = ("_loop", "_probe", "_session", "_token")
 
     owner: IsolatedSessionFactory  # the record's owner is the factory that opens the scope
+    _begin: ClassVar[bool] = False  # commit on success: factory.begin(), a CommitScope
+    _loop: asyncio.AbstractEventLoop | None  # the loop it was entered on
+    _probe: bool  # the circuit breaker's half-open probe
+    _session: AsyncSession | None  # None once released
+    _token: Token[UserExecutionContext | None]  # restores the previous context
 
     def __init__(
         self,
@@ -223,12 +239,15 @@ class SessionScope(Entry):
         ctx: UserExecutionContext | None,
         lifetime: float | None,
         *,
-        begin: bool,
         bypass_tenant: bool = False,
     ) -> None:
         # Entry.__init__ is not called: __aenter__ fills in the record when it opens the
         # session (the context may be the current one only then).
-        if ctx is not None and not isinstance(ctx, UserExecutionContext):
+        if (
+            ctx.__class__ is not UserExecutionContext  # the one test, for a context given
+            and ctx is not None
+            and not isinstance(ctx, UserExecutionContext)
+        ):
             raise TypeError(
                 f"factory.session() takes a UserExecutionContext, got {type(ctx).__name__}"
             )
@@ -236,18 +255,18 @@ class SessionScope(Entry):
             lifetime = factory.max_session_lifetime
         elif lifetime <= 0:
             raise ValueError(f"max_lifetime must be positive seconds, got {lifetime!r}")
+        else:
+            lifetime = float(lifetime)
         self.owner = factory
         self.ctx = ctx  # type: ignore[assignment]  # None: the current context, on entry
-        self.lifetime = float(lifetime)
-        self._begin = begin
+        self.lifetime = lifetime
         self.bypass_tenant = bypass_tenant
-        self._session: AsyncSession | None = None
-        self._token: Token[UserExecutionContext | None] | None = None
+        self.state = None  # not entered yet
 
     async def __aenter__(self) -> AsyncSession:
         # The per-request hot path: everything is inline (a Python call costs as much as
         # most of what it would wrap).
-        if self._token is not None:
+        if self.state is not None:
             raise RuntimeError(
                 "this session scope is already open or was used before; call "
                 "factory.session() again for a new one"
@@ -273,22 +292,18 @@ class SessionScope(Entry):
         # DatabaseUnavailableError (the factory's do_connect hook), pool timeouts as
         # PoolExhaustedError (on exit).
         session = factory._new_session()  # noqa: SLF001
-        task = _current_task()
-        if task is None:  # not in an asyncio task
-            self._loop = None
-            self.task_name = None
-        else:
-            self._loop = task.get_loop()
-            self.task_name = task.get_name()
-        self._session_id = self._opened_at = None  # made on first use
-        self.stack = (
-            "".join(traceback.format_stack(limit=25)[:-1]) if factory.capture_stacks else None
-        )
+        # The running task: the remembered loop's, on its own thread (_running_loop_and_task)
+        loop, thread = _last_loop
+        if thread != get_ident() or (task := _task_of(loop)) is None:
+            loop, task = _running_loop_and_task()
+        self._loop = loop
+        self.task = task
+        if factory.capture_stacks:
+            self._stack = "".join(traceback.format_stack(limit=25)[:-1])
         self.state = _ACTIVE
-        self.global_ = self.leak_reported = False
-        self.connection = self.connection_guard = None
-        self.opened_mono = now = _monotonic()
-        self.deadline = now + self.lifetime
+        self.leak_reported = False
+        self.connection = None
+        self.deadline = _monotonic() + self.lifetime
         sync_session = session.sync_session
         sync_session._reqscope_entry = self  # type: ignore[attr-defined]  # noqa: SLF001 - our Session subclass
         if "info" in sync_session.__dict__:  # made already (info= given): tag it now
@@ -331,57 +346,117 @@ class SessionScope(Entry):
                 await self._release(error, translate=False)
         return await self._release(None)
 
-    async def _release(self, error: BaseException | None, *, translate: bool = True) -> bool:
+    async def _release(  # noqa: C901, PLR0912, PLR0915 - every request's exit, in one frame
+        self, error: BaseException | None, *, translate: bool = True
+    ) -> bool:
         """Close the session, unregister it, restore the previous context; ``__aexit__``.
+
+        The close rolls back and returns the connection, within ``cleanup_timeout`` and
+        shielded from cancellation; if it does not complete, the connection is invalidated.
+        In a plain asyncio task (the path of every request an ASGI server runs) the close is
+        awaited right here, not in a method of its own: each coroutine frame costs again on
+        every resumption after an I/O wait (docs/performance.md).
 
         ``error`` (the block's exception) is raised as its reqscope translation, if it has
         one, when ``translate``.
         """
         factory = self.owner
-        registry = factory._registry  # noqa: SLF001
+        conn = self.connection  # the latest transaction's connection, if it had one
         try:
-            conn = self.connection  # the latest transaction's connection, if it had one
             try:
-                if self.state is not EntryState.RECLAIMED:
-                    clean = await self._cleanup()
-                    self.state = EntryState.CLOSED
-                    if not clean:
-                        await factory._invalidate_gracefully(conn)  # noqa: SLF001
-                else:
+                loop = self._loop
+                task = None if loop is None else _task_of(loop)  # the exiting task
+                if self.state is _RECLAIMED:  # by the leak detector: its connection is invalid
+                    clean = False
+                elif task is None or (
+                    (anyio_record := _TASK_STATES.get(ref(task))) is not None
+                    and anyio_record.cancel_scope is not None
+                ):  # anyio can cancel it (through the scopes it is in): close in a shield
+                    clean = await self._close_in_shield(task, loop)
+                    self.state = _CLOSED
+                else:  # only Task.cancel() can interrupt it: the watchdog's, when overdue
+                    watchdog = factory._cleanup_watchdog  # noqa: SLF001
+                    before = task.cancelling() if _UNCANCEL else 0  # type: ignore[attr-defined]  # 3.11+
+                    cancelled: asyncio.CancelledError | None = None
+                    watchdog.watch(task, factory.cleanup_timeout, loop)
+                    try:
+                        await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
+                        clean = True
+                    except asyncio.CancelledError as interrupted:
+                        cancelled, clean = interrupted, False
+                    except Exception as close_error:
+                        self._log_close_failure(close_error)
+                        clean = False
+                    finally:
+                        cuts = watchdog.unwatch(task)
+                    if cuts or cancelled is not None:  # cut when overdue, or interrupted
+                        clean = self._after_interrupted_close(task, cuts, before, cancelled)
+                    self.state = _CLOSED
+                if not clean:
                     await factory._invalidate_gracefully(conn)  # noqa: SLF001
             except BaseException:
-                # The shield stops anyio cancellation, not asyncio's Task.cancel():
-                # interrupted half-way, the connection is invalidated (never returned
-                # half-cleaned), through the driver's graceful close unless that is
-                # interrupted too.
-                self.state = EntryState.CLOSED
-                registry.cleanup_failures += 1
-                try:
-                    await factory._invalidate_gracefully(conn)  # noqa: SLF001
-                finally:
-                    if conn is not None:
-                        _invalidate(conn)  # a no-op once the graceful path finished
-                    if self._probe:
-                        factory.circuit_breaker.release_probe()
+                await self._abandon(conn)
                 raise
             finally:
                 self.connection = None
                 # The session points at this scope (its record): drop the way back, so
                 # that session and scope are freed by reference counting, not the GC.
                 self._session = None
-                registry.discard(self)
-                registry.sessions_closed += 1
+                factory._registry.discard(self)  # noqa: SLF001
             if error is not None or self._probe or self.leak_reported:
                 self._settle(error, conn)
         finally:
             token = self._token
             try:
-                _current.reset(token)  # type: ignore[arg-type]
+                _current.reset(token)
             except ValueError:  # exited in another contextvars.Context than it was entered
-                previous = token.old_value  # type: ignore[union-attr]
+                previous = token.old_value
                 _current.set(None if previous is Token.MISSING else previous)
-        if translate and error is not None:
+        if error is not None and translate:
             self._raise_translated(error)
+        return False
+
+    async def _abandon(self, conn: Connection | None) -> None:
+        """The cleanup was interrupted half-way: invalidate the connection.
+
+        The shield stops anyio cancellation, not asyncio's ``Task.cancel()``. The connection
+        is never returned half-cleaned: it is invalidated, through the driver's graceful
+        close unless that is interrupted too.
+        """
+        factory = self.owner
+        self.state = _CLOSED
+        factory._registry.cleanup_failures += 1  # noqa: SLF001
+        try:
+            await factory._invalidate_gracefully(conn)  # noqa: SLF001
+        finally:
+            if conn is not None:
+                _invalidate(conn)  # a no-op once the graceful path finished
+            if self._probe:
+                factory.circuit_breaker.release_probe()
+
+    def _after_interrupted_close(
+        self,
+        task: asyncio.Task[Any],
+        cuts: int,
+        before: int,
+        cancelled: asyncio.CancelledError | None,
+    ) -> bool:
+        """A close that the watchdog cut ``cuts`` times, or that ``cancelled`` interrupted.
+
+        The watchdog's cancellations are taken back (``Task.uncancel()``; ``before`` is the
+        task's ``cancelling()`` count when the close began), so the task is left as it was,
+        and the overdue close is logged. A cancellation from elsewhere propagates, exactly as
+        it does through an anyio shield: raised here, the caller invalidates the connection.
+        Returns False: the close did not complete.
+        """
+        if not cuts:
+            raise cancelled  # type: ignore[misc]  # not the watchdog's
+        if _UNCANCEL:
+            for _ in range(cuts):
+                task.uncancel()  # type: ignore[attr-defined]  # 3.11+
+        self._log_overdue()
+        if cancelled is not None and _UNCANCEL and task.cancelling() > before:  # type: ignore[attr-defined]
+            raise asyncio.CancelledError  # a Task.cancel() from elsewhere landed too
         return False
 
     def _raise_translated(self, error: BaseException) -> None:
@@ -402,23 +477,6 @@ class SessionScope(Entry):
             factory.circuit_breaker.release_probe()  # the probe never reached the database
         if self.leak_reported:
             LeakDetector.log_late_close(self)
-
-    def _cleanup(self) -> Coroutine[Any, Any, bool]:
-        """Roll back and return the connection, shielded, within ``cleanup_timeout``.
-
-        Returns the coroutine that does it, for the caller to await (one coroutine frame
-        less per request than awaiting it here). It returns whether the cleanup completed;
-        if not, the caller invalidates the connection.
-        """
-        loop = self._loop
-        # current_task(loop) is the exiting task without get_running_loop()'s system call.
-        task = None if loop is None else _task_of(loop)
-        if task is None:
-            return self._close_in_shield(anyio.CancelScope(shield=True), loop)
-        shield = _anyio_shield(task)
-        if shield is None:
-            return self._close_with_deadline(task, loop)
-        return self._close_in_shield(shield, loop)
 
     async def _close(self) -> bool:
         """Close the session (roll back, return the connection); False if that failed."""
@@ -451,9 +509,11 @@ class SessionScope(Entry):
         )
 
     async def _close_in_shield(
-        self, shield: anyio.CancelScope, loop: asyncio.AbstractEventLoop | None
+        self, task: asyncio.Task[Any] | None, loop: asyncio.AbstractEventLoop | None
     ) -> bool:
         """Close inside an anyio shield scope, which the watchdog cancels when overdue."""
+        # In an asyncio task, what anyio.CancelScope() would make, without its dispatch.
+        shield = anyio.CancelScope(shield=True) if task is None else _ShieldScope(shield=True)
         watchdog = self.owner._cleanup_watchdog  # noqa: SLF001
         clean = False
         with shield:
@@ -467,42 +527,10 @@ class SessionScope(Entry):
             self._log_overdue()
         return clean
 
-    async def _close_with_deadline(
-        self, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop | None
-    ) -> bool:
-        """Close in a task no anyio scope can cancel, cut by ``Task.cancel()`` when overdue.
 
-        The watchdog's cancellations are taken back (``Task.uncancel()``) once the cleanup
-        ends, so the task is left as it was; a ``Task.cancel()`` from elsewhere that landed
-        meanwhile still propagates, exactly as it does through an anyio shield.
+class CommitScope(SessionScope):
+    """``async with factory.begin(ctx)``: a session scope that commits when its block succeeds."""
 
-        The close is awaited here, not through :meth:`_close`: this is the path of every
-        request an ASGI server runs, and each coroutine frame costs again on every resumption
-        after an I/O wait (docs/performance.md).
-        """
-        factory = self.owner
-        watchdog = factory._cleanup_watchdog  # noqa: SLF001
-        before = task.cancelling() if _UNCANCEL else 0  # type: ignore[attr-defined]  # 3.11+
-        clean = False
-        cancelled: asyncio.CancelledError | None = None
-        watchdog.watch(task, factory.cleanup_timeout, loop)
-        try:
-            await greenlet_spawn(self._session.sync_session.close)  # type: ignore[union-attr]
-            clean = True
-        except asyncio.CancelledError as error:
-            cancelled = error
-        except Exception as error:
-            self._log_close_failure(error)
-        finally:
-            cuts = watchdog.unwatch(task)
-        if not cuts:
-            if cancelled is not None:
-                raise cancelled  # not the watchdog's: the caller invalidates, it propagates
-            return clean
-        if _UNCANCEL:
-            for _ in range(cuts):
-                task.uncancel()  # type: ignore[attr-defined]  # 3.11+
-        self._log_overdue()
-        if cancelled is not None and _UNCANCEL and task.cancelling() > before:  # type: ignore[attr-defined]
-            raise asyncio.CancelledError  # a Task.cancel() from elsewhere landed too
-        return False
+    __slots__ = ()
+
+    _begin = True

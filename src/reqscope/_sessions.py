@@ -41,7 +41,7 @@ from reqscope._registry import (
     SessionRecord,
     SessionRegistry,
 )
-from reqscope._scope import CleanupWatchdog, SessionScope
+from reqscope._scope import CleanupWatchdog, CommitScope, SessionScope
 from reqscope.exceptions import (
     DatabaseUnavailableError,
     IsolationViolation,
@@ -300,7 +300,7 @@ class IsolatedSessionFactory:
             PoolExhaustedError: no connection came free within ``pool_timeout``.
             IsolationViolation: ``bypass_tenant`` for a context not marked admin.
         """
-        return SessionScope(self, ctx, max_lifetime, begin=False, bypass_tenant=bypass_tenant)
+        return SessionScope(self, ctx, max_lifetime, bypass_tenant=bypass_tenant)
 
     def begin(
         self,
@@ -310,7 +310,7 @@ class IsolatedSessionFactory:
         bypass_tenant: bool = False,
     ) -> SessionScope:
         """Like :meth:`session`, but commit on success (and roll back on error)."""
-        return SessionScope(self, ctx, max_lifetime, begin=True, bypass_tenant=bypass_tenant)
+        return CommitScope(self, ctx, max_lifetime, bypass_tenant=bypass_tenant)
 
     def _authorize_bypass(self, ctx: UserExecutionContext) -> None:
         policy = self.tenant
