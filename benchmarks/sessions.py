@@ -56,7 +56,6 @@ from reqscope import (
 from reqscope._context import _current
 from reqscope._leaks import LeakDetector
 from reqscope._registry import Entry, SessionRegistry
-from reqscope._scope import SessionScope
 
 POOL = PoolConfig(pool_size=20, max_overflow=0, pool_timeout=120.0)
 CONCURRENCY = [1, 100, 1000]
@@ -144,9 +143,6 @@ def diagnostic_variants(
     - "bare + context variable": that bare session in the smallest async context manager that
       makes the request's context current (set on entry, reset on exit): the floor of any
       scope that enforcement can check against;
-    - "scope, cleanup unbounded": the session scope with its close neither shielded nor
-      watched by the cleanup deadline, so "reqscope, context given" minus this row is what
-      the bounded, cancellation-proof cleanup costs;
     - "plain + 5 µs busy loop": the plain variant plus a known amount of client CPU, to
       calibrate how much a few µs of extra work per request move the ratio on this machine.
     """
@@ -178,17 +174,12 @@ def diagnostic_variants(
         async with _ContextOnly(factory, contexts[user]) as session:
             await workload(session, user)
 
-    async def unbounded_cleanup(workload: Workload, user: str) -> None:
-        async with _UnboundedCleanupScope(factory, contexts[user], None) as session:
-            await workload(session, user)
-
     return {
         "plain, close inline": closing_inline(maker),
         "plain, factory's engine": on_factory_engine,
         # the factory's own session class, as factory.session() binds it
         "factory session, bare": closing_inline(factory._new_session),  # noqa: SLF001
         "bare + context variable": with_context,
-        "scope, cleanup unbounded": unbounded_cleanup,
         f"plain + {SPIN_SECONDS * 1e6:.0f} µs busy loop": spin,
     }
 
@@ -211,15 +202,6 @@ class _ContextOnly:
             await self._session.close()
         finally:
             _current.reset(self._token)
-
-
-class _UnboundedCleanupScope(SessionScope):
-    """The session scope, its close neither shielded nor bounded (diagnostic only)."""
-
-    __slots__ = ()
-
-    def _cleanup(self):
-        return self._close()
 
 
 def round_order(names: list[str], index: int) -> list[str]:
