@@ -208,7 +208,7 @@ class Entry:
 
     @property
     def task_name(self) -> str | None:
-        """The name of the asyncio task that opened the session (None outside one)."""
+        """The name of the asyncio task that opened the session (None outside one, or closed)."""
         task = self.task
         return None if task is None else task.get_name()
 

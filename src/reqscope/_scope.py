@@ -398,9 +398,10 @@ class SessionScope(Entry):
                 await self._abandon(conn)
                 raise
             finally:
-                self.connection = None
-                # The session points at this scope (its record): drop the way back, so
-                # that session and scope are freed by reference counting, not the GC.
+                # The session points at this scope (its record): drop the ways back, so that
+                # session, scope and task are freed by reference counting, not the GC (an
+                # exception kept by the task can hold the frame that holds the session).
+                self.connection = self.task = None
                 self._session = None
                 factory._registry.discard(self)  # noqa: SLF001
             if error is not None or self._probe or self.leak_reported:
