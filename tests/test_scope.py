@@ -218,3 +218,33 @@ def test_a_scope_outside_a_task_records_none_and_a_new_loop_is_found() -> None:
     assert asyncio.run(found())  # remembers that loop, on this thread
     assert _running_loop_and_task() == (None, None)  # that loop no longer runs
     assert asyncio.run(found())  # a new loop on the same thread
+
+
+async def test_a_failed_request_frees_its_scope_without_the_garbage_collector() -> None:
+    # The scope keeps the task that opened it while it is open (task_name); once it ends it
+    # lets go, or a task whose exception holds the request's frame (which holds the session,
+    # which points at its scope) would keep all of them alive until a GC pass.
+    import gc
+    import weakref
+
+    async with IsolatedSessionFactory() as factory:
+        scopes: list[weakref.ref[object]] = []
+
+        async def request() -> None:
+            scope = factory.session(UserExecutionContext.create("u"))
+            async with scope as session:
+                assert scope.task is asyncio.current_task()
+            scopes.append(weakref.ref(scope))
+            assert scope.task is None
+            del scope
+            raise RuntimeError(f"after the block of {session!r}")
+
+        gc.disable()
+        try:
+            task = asyncio.get_running_loop().create_task(request())
+            await asyncio.wait([task])
+            assert isinstance(task.exception(), RuntimeError)
+            del task
+            assert scopes[0]() is None
+        finally:
+            gc.enable()
