@@ -19,6 +19,10 @@ than that, so repeat a run before trusting a cell.
 ``--runner anyio`` runs them in task-group workers, inside anyio cancel scopes. ``--pin``
 puts this process on one CPU and a local PostgreSQL's backends on the others.
 
+The last column is the time Python's cyclic garbage collector ran during each variant's
+measurements, per request (mean: collections are rare and long, so a median would mostly
+read 0); it is part of the CPU figure.
+
 Also measured: one leak-detector pass over 10,000 open, unexpired sessions, and RSS growth
 over 200,000 session scopes.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import math
 import os
 import platform
@@ -240,13 +245,29 @@ def spread(ratios: list[float]) -> str:
     return f"{q1:.3f} to {q3:.3f}"
 
 
-async def measure(run, workload: Workload, requests: int, concurrency: int) -> tuple[float, float]:
-    """Return (CPU µs per request, wall ms per request) for ``requests`` requests.
+# Seconds spent in Python's cyclic garbage collector, counted by the gc callback main() adds.
+GC_SECONDS = [0.0, 0.0]  # [total, when the current collection started]
+
+
+def count_gc_time(phase: str, _info: dict[str, int]) -> None:
+    """``gc.callbacks`` hook: add each collection's duration to ``GC_SECONDS[0]``."""
+    if phase == "start":
+        GC_SECONDS[1] = time.perf_counter()
+    else:
+        GC_SECONDS[0] += time.perf_counter() - GC_SECONDS[1]
+
+
+async def measure(
+    run, workload: Workload, requests: int, concurrency: int
+) -> tuple[float, float, float]:
+    """Return (CPU µs, wall ms, cyclic-GC µs) per request for ``requests`` requests.
 
     ``RUNNER[0] == "asyncio"``: every request runs in an asyncio task of its own, at most
     ``concurrency`` at a time, as uvicorn runs ASGI requests. ``"anyio"``: ``concurrency``
     workers in an anyio task group each run their share of requests one after another, so
     every request runs inside an anyio cancel scope (as under ``BaseHTTPMiddleware``).
+    The GC figure is the time the cyclic garbage collector ran during the measurement
+    (part of the CPU figure): it grows with the objects requests keep alive meanwhile.
     """
     per_worker = max(1, requests // concurrency)
     total = per_worker * concurrency
@@ -259,6 +280,7 @@ async def measure(run, workload: Workload, requests: int, concurrency: int) -> t
             request = run(workload, user)
             await (loop.create_task(request) if own_task else request)
 
+    gc_before = GC_SECONDS[0]
     cpu, wall = time.process_time(), time.perf_counter()
     if own_task:
         await asyncio.gather(*(worker(index) for index in range(concurrency)))
@@ -269,6 +291,7 @@ async def measure(run, workload: Workload, requests: int, concurrency: int) -> t
     return (
         (time.process_time() - cpu) / total * 1e6,
         (time.perf_counter() - wall) / total * 1e3,
+        (GC_SECONDS[0] - gc_before) / total * 1e6,
     )
 
 
@@ -326,12 +349,14 @@ async def bench_database(name: str, url: str, rounds: int, requests: int) -> lis
                     await pin_server_backends(engine)
                 cpu: dict[str, list[float]] = {v: [] for v in names}
                 wall: dict[str, list[float]] = {v: [] for v in names}
+                gc_time: dict[str, list[float]] = {v: [] for v in names}
                 for index in range(rounds):
                     order = round_order(names, index)
                     for variant in order:
-                        c, w = await measure(runs[variant], workload, n, concurrency)
+                        c, w, g = await measure(runs[variant], workload, n, concurrency)
                         cpu[variant].append(c)
                         wall[variant].append(w)
+                        gc_time[variant].append(g)
                 for variant in names:
                     ratios = [a / b for a, b in zip(cpu[variant], cpu["plain"], strict=True)]
                     wall_ratios = [a / b for a, b in zip(wall[variant], wall["plain"], strict=True)]
@@ -342,7 +367,8 @@ async def bench_database(name: str, url: str, rounds: int, requests: int) -> lis
                         f"{median_ci(ratios)} | "
                         f"{spread(ratios)} | "
                         f"{statistics.median(wall[variant]):.3f} | "
-                        f"{statistics.median(wall_ratios):.3f} |"
+                        f"{statistics.median(wall_ratios):.3f} | "
+                        f"{statistics.fmean(gc_time[variant]):.1f} |"
                     )
                 print("\n".join(lines[-len(names) :]), flush=True)
         async with engine.begin() as conn:
@@ -384,17 +410,19 @@ async def bench_tenant(name: str, url: str, rounds: int, requests: int) -> None:
             if PIN[0]:
                 await pin_server_backends(engine)
             cpu: dict[str, list[float]] = {v: [] for v in names}
+            gc_time: dict[str, list[float]] = {v: [] for v in names}
             for index in range(rounds):
                 for variant in round_order(names, index):
-                    cpu[variant].append(
-                        (await measure(runs[variant], select_one, requests, concurrency))[0]
-                    )
+                    c, _, g = await measure(runs[variant], select_one, requests, concurrency)
+                    cpu[variant].append(c)
+                    gc_time[variant].append(g)
             for variant in names:
                 ratios = [a / b for a, b in zip(cpu[variant], cpu["plain"], strict=True)]
                 print(
                     f"| {name} | ORM select, tenant model | {concurrency} | {variant} | "
                     f"{statistics.median(cpu[variant]):.0f} | {statistics.median(ratios):.3f} | "
-                    f"{median_ci(ratios)} | {spread(ratios)} | | |",
+                    f"{median_ci(ratios)} | {spread(ratios)} | | | "
+                    f"{statistics.fmean(gc_time[variant]):.1f} |",
                     flush=True,
                 )
     async with engine.begin() as conn:
@@ -542,9 +570,10 @@ async def main() -> None:
     )
     print(
         "| database | workload | concurrency | variant | CPU µs/req | CPU ratio (median) | "
-        "95 % CI | ratio IQR | wall ms/req | wall ratio |"
+        "95 % CI | ratio IQR | wall ms/req | wall ratio | GC µs/req (mean) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    gc.callbacks.append(count_gc_time)
     full = not (args.only_memory or args.only_tenant)
     tenant = args.only_tenant or (full and not args.skip_tenant)
     with tempfile.TemporaryDirectory() as tmp:

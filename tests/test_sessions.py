@@ -67,6 +67,32 @@ async def test_session_is_a_real_tagged_async_session(factory, alice) -> None:
     assert current_context_or_none() is None
 
 
+async def test_the_previous_context_is_current_again_after_the_block(factory, alice, bob) -> None:
+    with use_context(bob):
+        async with factory.session(alice):
+            assert current_context() is alice
+        assert current_context() is bob
+    assert current_context_or_none() is None
+    # A scope entered in one task and exited in another (each has its own contextvars
+    # Context): the exit restores the previous context where it runs, and does not fail.
+    scope = factory.session(alice)
+    loop = asyncio.get_running_loop()
+
+    async def enter() -> UserExecutionContext:
+        await scope.__aenter__()
+        return current_context()
+
+    async def leave() -> UserExecutionContext | None:
+        with use_context(bob):
+            await scope.__aexit__(None, None, None)
+            return current_context_or_none()
+
+    assert await loop.create_task(enter()) is alice
+    assert await loop.create_task(leave()) is None  # what was current when it was entered
+    assert factory.metrics().active_sessions == 0
+    assert current_context_or_none() is None
+
+
 async def test_tags_agree_with_the_registry_and_survive_an_info_argument(alice) -> None:
     # Tags are made on first use: the id and opening time they show must be the ones the
     # registry reports, and a session made with info= must get them on top of its own keys.

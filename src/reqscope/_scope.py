@@ -17,7 +17,6 @@ import asyncio
 import logging
 import sys
 import traceback
-from contextvars import Token
 from threading import get_ident
 from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any, ClassVar, Final
@@ -224,14 +223,17 @@ class SessionScope(Entry):
     which the session points at for its checks): one object per request, not two.
     """
 
-    __slots__ = ("_loop", "_probe", "_session", "_token")
+    __slots__ = ("_loop", "_previous", "_probe", "_session")
 
     owner: IsolatedSessionFactory  # the record's owner is the factory that opens the scope
     _begin: ClassVar[bool] = False  # commit on success: factory.begin(), a CommitScope
     _loop: asyncio.AbstractEventLoop | None  # the loop it was entered on
     _probe: bool  # the circuit breaker's half-open probe
     _session: AsyncSession | None  # None once released
-    _token: Token[UserExecutionContext | None]  # restores the previous context
+    # The context current before the scope, restored on exit. Kept instead of the Token
+    # that set() returns: one object less alive per request in flight, for the cyclic GC to
+    # scan (docs/performance.md), and a restore that works from any contextvars.Context.
+    _previous: UserExecutionContext | None
 
     def __init__(
         self,
@@ -310,7 +312,8 @@ class SessionScope(Entry):
             sync_session.info.update(self.tags())
         factory._registry.add(self)  # noqa: SLF001
         self._session = session
-        self._token = _current.set(ctx)
+        self._previous = _current.get()
+        _current.set(ctx)
         return session
 
     def __aexit__(
@@ -346,7 +349,7 @@ class SessionScope(Entry):
                 await self._release(error, translate=False)
         return await self._release(None)
 
-    async def _release(  # noqa: C901, PLR0912, PLR0915 - every request's exit, in one frame
+    async def _release(  # noqa: PLR0912 - every request's exit, in one frame
         self, error: BaseException | None, *, translate: bool = True
     ) -> bool:
         """Close the session, unregister it, restore the previous context; ``__aexit__``.
@@ -407,12 +410,7 @@ class SessionScope(Entry):
             if error is not None or self._probe or self.leak_reported:
                 self._settle(error, conn)
         finally:
-            token = self._token
-            try:
-                _current.reset(token)
-            except ValueError:  # exited in another contextvars.Context than it was entered
-                previous = token.old_value
-                _current.set(None if previous is Token.MISSING else previous)
+            _current.set(self._previous)
         if error is not None and translate:
             self._raise_translated(error)
         return False
