@@ -63,7 +63,12 @@ class SessionRecord:
 
 @dataclass(frozen=True, slots=True)
 class FactoryMetrics:
-    """Counters and gauges of an ``IsolatedSessionFactory`` (a snapshot)."""
+    """Counters and gauges of an ``IsolatedSessionFactory`` (a snapshot).
+
+    ``active_sessions`` is always ``sessions_opened - sessions_closed``: a session counts as
+    closed when its scope ends or when the leak detector reclaims it (its connection is
+    gone then), and a leak reported but left open stays active until its scope ends.
+    """
 
     active_sessions: int
     peak_active_sessions: int
