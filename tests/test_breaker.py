@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import time
@@ -104,6 +105,8 @@ def test_only_connection_failures_count() -> None:
     refused = ConnectionRefusedError(111, "refused")
     assert is_connection_failure(refused, connecting=True)
     assert is_connection_failure(TimeoutError(), connecting=True)
+    # asyncpg's connect timeout on Python 3.10, where it is not the builtin TimeoutError
+    assert is_connection_failure(asyncio.TimeoutError(), connecting=True)
     assert not is_connection_failure(TimeoutError())  # the app's own timeout in a request
     assert is_connection_failure(sa_exc.TimeoutError("pool"))
     assert is_connection_failure(PoolExhaustedError("x"))

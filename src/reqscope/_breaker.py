@@ -7,6 +7,7 @@ database answered, and never open the circuit.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -52,7 +53,9 @@ def is_connection_failure(error: BaseException, *, connecting: bool = False) -> 
         )
     if not connecting:
         return False
-    if isinstance(error, (OSError, TimeoutError)):  # ConnectionError is an OSError
+    # ConnectionError is an OSError; asyncio.TimeoutError is TimeoutError from Python 3.11 on,
+    # a class of its own before (asyncpg's connect timeout raises it there).
+    if isinstance(error, (OSError, TimeoutError, asyncio.TimeoutError)):
         return True
     return type(error).__name__ in {
         "ConnectionDoesNotExistError",
