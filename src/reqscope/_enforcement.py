@@ -129,7 +129,8 @@ def _check(entry: Entry, operation: str) -> None:
     """Pass when a live session is used by its own request; else :func:`_enforce`.
 
     The fast path (the current context is the scope's own, or none) runs on every
-    statement, so it is one expression.
+    statement, so it is one expression; ``ReqscopeSession._execute_internal`` writes the
+    same test out (a call per statement saved): change both together.
     """
     if entry.state is not _ACTIVE or _current.get() not in (entry.ctx, None):
         _enforce(entry, operation)
