@@ -21,7 +21,7 @@ from reqscope import (
     PoolConfig,
     PoolExhaustedError,
 )
-from reqscope._breaker import is_connection_failure
+from reqscope._breaker import is_configuration_error, is_connection_failure
 
 
 class FakeClock:
@@ -108,8 +108,15 @@ def test_only_connection_failures_count() -> None:
     # asyncpg's connect timeout on Python 3.10, where it is not the builtin TimeoutError
     assert is_connection_failure(asyncio.TimeoutError(), connecting=True)
     assert not is_connection_failure(TimeoutError())  # the app's own timeout in a request
-    assert is_connection_failure(sa_exc.TimeoutError("pool"))
-    assert is_connection_failure(PoolExhaustedError("x"))
+    # a full pool is overload, not an outage
+    assert not is_connection_failure(sa_exc.TimeoutError("pool"))
+    assert not is_connection_failure(PoolExhaustedError("x"))
+    # a server refusing the login is up
+    wrong_password = Exception("FATAL:  password authentication failed for user 'app'")
+    assert not is_connection_failure(wrong_password, connecting=True)
+    refused_login = sa_exc.OperationalError(None, {}, wrong_password)  # type: ignore[arg-type]
+    assert not is_connection_failure(refused_login)
+    assert is_connection_failure(sa_exc.OperationalError(None, {}, refused))  # type: ignore[arg-type]
     dropped = sa_exc.OperationalError(
         "SELECT 1", {}, Exception("gone"), connection_invalidated=True
     )
@@ -122,6 +129,35 @@ def test_only_connection_failures_count() -> None:
     assert breaker.state is CircuitState.CLOSED
     assert breaker.observe(refused, connecting=True)
     assert breaker.state is CircuitState.OPEN
+
+
+class _SQLStateError(Exception):
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(sqlstate)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("error", "configuration"),
+    [
+        (_SQLStateError("28P01"), True),  # invalid password
+        (_SQLStateError("28000"), True),  # unknown role, no pg_hba.conf entry
+        (_SQLStateError("3D000"), True),  # unknown database
+        (_SQLStateError("53300"), False),  # too many connections: the server is overloaded
+        (_SQLStateError("57P03"), False),  # the server is starting up
+        (Exception(1045, "Access denied for user 'app'"), True),  # MySQL/MariaDB
+        (Exception(1049, "Unknown database 'x'"), True),
+        (Exception(2003, "Can't connect to MySQL server"), False),
+        (Exception('FATAL:  database "x" does not exist'), True),  # libpq, no SQLSTATE
+        (Exception('FATAL:  role "x" does not exist'), True),
+        (Exception("FATAL:  no pg_hba.conf entry for host"), True),
+        (ConnectionRefusedError(111, "refused"), False),
+    ],
+)
+def test_configuration_errors_are_told_apart_from_outages(error, configuration) -> None:
+    assert is_configuration_error(error) is configuration
+    if configuration:
+        assert not is_connection_failure(error, connecting=True)
 
 
 def closed_port() -> int:

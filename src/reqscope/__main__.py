@@ -74,6 +74,7 @@ def _render(report: CheckReport) -> str:
         ),
     ]
     lines.extend(f"  error: {error}" for error in report.errors)
+    lines.extend(f"  warning: {warning}" for warning in report.warnings)
     lines.append(verdict)
     return "\n".join(lines)
 

@@ -1,8 +1,10 @@
 """A circuit breaker for database outages.
 
-Only connection-level failures count: refused or dropped connections, connect timeouts and
-pool timeouts. Application errors (an ``IntegrityError``, your own exceptions) prove the
-database answered, and never open the circuit.
+Only what says the database is unavailable counts: a refused connection, a connect timeout,
+a connection lost. Application errors (an ``IntegrityError``, your own exceptions) prove the
+database answered; a full pool is overload (``PoolExhaustedError``), and a wrong password or
+a missing database is a configuration error (``DatabaseConfigurationError``): none of them
+opens the circuit.
 """
 
 from __future__ import annotations
@@ -10,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import time
 from collections.abc import Callable
+from typing import Final
 
 from sqlalchemy import exc as sa_exc
 
-from reqscope.exceptions import CircuitOpenError, DatabaseUnavailableError, PoolExhaustedError
+from reqscope.exceptions import CircuitOpenError, DatabaseUnavailableError
 
-__all__ = ["CircuitBreaker", "CircuitState", "is_connection_failure"]
+__all__ = ["CircuitBreaker", "CircuitState", "is_configuration_error", "is_connection_failure"]
 
 logger = logging.getLogger("reqscope")
 
@@ -33,25 +37,59 @@ class CircuitState(str, enum.Enum):
         return self.value
 
 
+# SQLSTATEs a server sends when it is up but refuses this login: invalid authorization
+# (class 28: wrong password, unknown role, no pg_hba.conf entry) and an unknown database.
+_CONFIGURATION_SQLSTATES: Final = ("28", "3D000")
+# MySQL/MariaDB error codes for the same: access denied (to the server, to the database),
+# unknown database.
+_CONFIGURATION_MYSQL_CODES: Final = frozenset({1044, 1045, 1049, 1698})
+# What libpq says for them (psycopg sets no SQLSTATE on a failed connect).
+_CONFIGURATION_MESSAGES: Final = re.compile(
+    r"password authentication failed|role \".*\" does not exist|"
+    r"database \".*\" does not exist|no pg_hba\.conf entry"
+)
+
+
+def is_configuration_error(error: BaseException) -> bool:
+    """True when the server answered a connect by refusing this URL's login or database.
+
+    A wrong password, an unknown role or database: the database is up, the URL is wrong.
+    Such an error must not open the circuit, and its message must not send operators
+    looking for an outage.
+    """
+    if isinstance(error, sa_exc.DBAPIError) and error.orig is not None:
+        error = error.orig
+    sqlstate = getattr(error, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate.startswith(_CONFIGURATION_SQLSTATES):
+        return True
+    args = getattr(error, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _CONFIGURATION_MYSQL_CODES:
+        return True
+    return sqlstate is None and _CONFIGURATION_MESSAGES.search(str(error)) is not None
+
+
 def is_connection_failure(error: BaseException, *, connecting: bool = False) -> bool:
     """True when ``error`` means the database could not be reached or the link broke.
 
     Drivers report an outage as a raw ``ConnectionRefusedError``/``OSError``/``TimeoutError``
     at connect time, not always wrapped in a SQLAlchemy ``DBAPIError``: while ``connecting``
     those count too. Inside a request they may be the application's own (an HTTP call
-    timing out), so there only errors SQLAlchemy marks as disconnects count.
+    timing out), so there only errors SQLAlchemy marks as disconnects count. A pool timeout
+    (overload) and a refused login (:func:`is_configuration_error`) never count.
     """
-    if isinstance(error, (PoolExhaustedError, DatabaseUnavailableError, sa_exc.TimeoutError)):
+    if isinstance(error, DatabaseUnavailableError):
         return True
     if isinstance(error, sa_exc.DBAPIError):
         if error.connection_invalidated:
             return True
         # Connect-time failures come wrapped as OperationalError/InterfaceError without a
         # statement; errors of a statement the server rejected are application errors.
-        return error.statement is None and isinstance(
-            error, (sa_exc.OperationalError, sa_exc.InterfaceError)
+        return (
+            error.statement is None
+            and isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError))
+            and not is_configuration_error(error)
         )
-    if not connecting:
+    if not connecting or is_configuration_error(error):
         return False
     # ConnectionError is an OSError; asyncio.TimeoutError is TimeoutError from Python 3.11 on,
     # a class of its own before (asyncpg's connect timeout raises it there).
@@ -61,6 +99,7 @@ def is_connection_failure(error: BaseException, *, connecting: bool = False) -> 
         "ConnectionDoesNotExistError",
         "CannotConnectNowError",
         "InterfaceError",
+        "TooManyConnectionsError",  # the server is up but cannot take this connection
     }
 
 

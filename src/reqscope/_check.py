@@ -50,6 +50,7 @@ class CheckReport:
     isolation_violations: int = 0
     pool_high_water: int = 0
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -201,5 +202,6 @@ async def run_check(
             workload.report.seconds = time.perf_counter() - started
         finally:
             await workload.drop_table()
+        workload.report.warnings = list((await factory.health()).warnings)
         workload.finish()
     return workload.report

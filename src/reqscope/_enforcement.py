@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ReqscopeSession",
     "mark_session_as_global",
+    "reclaimed_error",
     "session_tags",
     "validate_session_is_request_scoped",
 ]
@@ -171,14 +172,9 @@ def _enforce(entry: Entry, operation: str) -> None:
     factory = entry.owner
     factory._registry.scope_violations += 1  # noqa: SLF001
     ctx = entry.ctx
+    error: SessionScopeError
     if entry.state is EntryState.RECLAIMED:
-        message = (
-            f"{operation}: session {entry.session_id} of user {ctx.user_id!r} (request "
-            f"{ctx.request_id}) was reclaimed by the leak detector after being held past its "
-            f"{entry.lifetime:.1f} s lifetime; open a new session, and pass max_lifetime= to "
-            "factory.session() for work that is meant to take longer"
-        )
-        error: SessionScopeError = SessionReclaimedError(message)
+        error = reclaimed_error(entry, operation)
     elif entry.state is EntryState.GLOBAL:
         error = SessionScopeError(
             f"{operation}: session {entry.session_id} is marked global; request code must "
@@ -193,6 +189,17 @@ def _enforce(entry: Entry, operation: str) -> None:
         )
     logger.error("reqscope: %s", error, extra=entry.log_fields())
     raise error
+
+
+def reclaimed_error(entry: Entry, operation: str) -> SessionReclaimedError:
+    """The error for using ``entry``'s session after the leak detector reclaimed it."""
+    ctx = entry.ctx
+    return SessionReclaimedError(
+        f"{operation}: session {entry.session_id} of user {ctx.user_id!r} (request "
+        f"{ctx.request_id}) was reclaimed by the leak detector after being held past its "
+        f"{entry.lifetime:.1f} s lifetime; open a new session, and pass max_lifetime= to "
+        "factory.session() for work that is meant to take longer"
+    )
 
 
 @event.listens_for(ReqscopeSession, "before_flush")
@@ -219,6 +226,9 @@ def _on_begin(session: Session, _transaction: SessionTransaction, connection: Co
         if breaker._failures:  # noqa: SLF001
             breaker.record_success()
     entry.connection = connection
+    if entry.statement_timeout is not None:  # PostgreSQL only (checked by the factory)
+        milliseconds = max(1, round(entry.statement_timeout * 1000))
+        connection.exec_driver_sql(f"SET LOCAL statement_timeout = {milliseconds}")
     tenant = entry.tenant
     if tenant is not None and tenant[0].rls and connection.dialect.name == "postgresql":
         set_tenant_setting(connection, *tenant)

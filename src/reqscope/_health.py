@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from reqscope._breaker import CircuitState
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from reqscope._sessions import IsolatedSessionFactory
 
 __all__ = ["HealthReport", "check_health"]
+
+logger = logging.getLogger("reqscope")
 
 HealthStatus = Literal["ok", "degraded", "down"]
 
@@ -33,6 +36,7 @@ class HealthReport:
     active_sessions: int
     leaks_detected: int
     error: str | None
+    warnings: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -50,6 +54,7 @@ class HealthReport:
             "active_sessions": self.active_sessions,
             "leaks_detected": self.leaks_detected,
             "error": self.error,
+            "warnings": list(self.warnings),
         }
 
 
@@ -79,7 +84,9 @@ async def check_health(factory: IsolatedSessionFactory, timeout: float) -> Healt
         with anyio.fail_after(timeout):
             async with _probe_engine(factory, timeout).connect() as conn:
                 await conn.execute(text("SELECT 1"))
-        latency = round((time.perf_counter() - started) * 1000, 3)
+                latency = round((time.perf_counter() - started) * 1000, 3)
+                if factory._transport_warnings is None:  # noqa: SLF001 - checked once
+                    factory._transport_warnings = await _transport_warnings(conn)  # noqa: SLF001
     except TimeoutError:
         error = f"the database did not answer within {timeout} s"
     except Exception as exc:
@@ -89,6 +96,7 @@ async def check_health(factory: IsolatedSessionFactory, timeout: float) -> Healt
     saturated = pool is not None and pool.checked_out >= pool.capacity
     status: HealthStatus
     if error is not None:
+        latency = None
         status = "down"
     elif metrics.circuit_state is not CircuitState.CLOSED or saturated:
         status = "degraded"
@@ -102,4 +110,28 @@ async def check_health(factory: IsolatedSessionFactory, timeout: float) -> Healt
         active_sessions=metrics.active_sessions,
         leaks_detected=metrics.leaks_detected,
         error=error,
+        warnings=factory._transport_warnings or (),  # noqa: SLF001
     )
+
+
+async def _transport_warnings(conn: AsyncConnection) -> tuple[str, ...]:
+    """What about the way this URL reaches the server deserves a warning (asked once).
+
+    asyncpg's default TLS mode ("prefer") tries TLS first; against a server that offers
+    none, every cancelled query then logs "Future exception was never retrieved ...
+    unexpected connection_lost()" (an asyncpg bug, harmless but loud).
+    """
+    url = conn.engine.url
+    if url.get_driver_name() != "asyncpg" or {"ssl", "sslmode"} & set(url.query):
+        return ()
+    tls = await conn.scalar(text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"))
+    if tls:
+        return ()
+    warning = (
+        f"the server at {url.render_as_string(hide_password=True)} does not offer TLS, and "
+        "asyncpg connects in its default TLS mode ('prefer'), which makes every cancelled "
+        "query log 'Future exception was never retrieved ... unexpected connection_lost()'; "
+        "add ?ssl=disable to the URL (or enable TLS on the server) to remove the noise"
+    )
+    logger.warning("reqscope: %s", warning)
+    return (warning,)

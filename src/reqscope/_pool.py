@@ -8,11 +8,15 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+import anyio
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import Pool
+from sqlalchemy.pool import ConnectionPoolEntry, Pool
+from sqlalchemy.util import await_only, greenlet_spawn
 
+from reqscope._compat import fair_pool_class, handoff_queue_of
 from reqscope.exceptions import ReqscopeError
 
 if TYPE_CHECKING:
@@ -34,9 +38,19 @@ class PoolConfig:
         pool_timeout: seconds a request waits for a free connection before
             :class:`~reqscope.exceptions.PoolExhaustedError`.
         pool_recycle: seconds after which a connection is replaced (server idle timeouts).
-        pool_pre_ping: test each connection on checkout (survives server restarts).
-        connect_timeout: seconds to establish a new connection; bounded so that an
-            unreachable server fails every request quickly and the circuit breaker can trip.
+        pool_pre_ping: test each pooled connection on checkout (survives server restarts),
+            within ``connect_timeout``: a server that stopped answering fails the ping, the
+            pool's connections are invalidated and a new one is tried.
+        connect_timeout: seconds to establish a new connection, and to ping a pooled one;
+            bounded so that an unreachable or silent server fails every request quickly and
+            the circuit breaker can trip.
+        reset_session: on PostgreSQL, when a connection returns to the pool, also undo what
+            a request may have changed on it beyond its transaction: settings made with a
+            plain ``SET``, temporary tables, ``LISTEN``, advisory locks, sequence state, open
+            cursors (``DISCARD ALL`` less dropping prepared statements, which the drivers
+            cache). Off by default: turn it on when application code runs ``SET`` (not
+            ``SET LOCAL``), temporary tables or session advisory locks; it costs one more
+            round trip per request (docs/performance.md).
     """
 
     pool_size: int = 10
@@ -45,6 +59,7 @@ class PoolConfig:
     pool_recycle: int = 1800
     pool_pre_ping: bool = True
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    reset_session: bool = False
 
     def __post_init__(self) -> None:
         if self.pool_size < 1:
@@ -72,15 +87,24 @@ class PoolConfig:
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:
-    """A snapshot of a connection pool (``checked_out`` is what requests hold right now)."""
+    """A snapshot of a connection pool (``checked_out`` is what requests hold right now).
+
+    ``waiting`` is how many checkouts wait for a connection now; ``waits`` counts the
+    checkouts that had to wait since the pool was made, and ``wait_seconds`` adds up how
+    long they waited (``wait_seconds / waits`` is the mean wait). The three stay 0 for a
+    pool that is not reqscope's (an engine not made by :func:`build_engine`).
+    """
 
     size: int
     checked_in: int
     checked_out: int
     overflow: int
     capacity: int
+    waiting: int = 0
+    waits: int = 0
+    wait_seconds: float = 0.0
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | float]:
         """Return the snapshot as JSON-safe data."""
         return {
             "size": self.size,
@@ -88,12 +112,15 @@ class PoolStats:
             "checked_out": self.checked_out,
             "overflow": self.overflow,
             "capacity": self.capacity,
+            "waiting": self.waiting,
+            "waits": self.waits,
+            "wait_seconds": self.wait_seconds,
         }
 
     def __str__(self) -> str:
         return (
             f"size={self.size}, checked_out={self.checked_out}, checked_in={self.checked_in}, "
-            f"overflow={self.overflow}, capacity={self.capacity}"
+            f"overflow={self.overflow}, capacity={self.capacity}, waiting={self.waiting}"
         )
 
 
@@ -103,12 +130,16 @@ def pool_stats(pool: Pool) -> PoolStats | None:
     if size is None:
         return None
     max_overflow = getattr(pool, "_max_overflow", 0)
+    queue = handoff_queue_of(pool)
     return PoolStats(
         size=pool.size(),  # type: ignore[attr-defined]  # QueuePool and its async variant
         checked_in=pool.checkedin(),  # type: ignore[attr-defined]
         checked_out=pool.checkedout(),  # type: ignore[attr-defined]
         overflow=max(0, pool.overflow()),  # type: ignore[attr-defined]
         capacity=pool.size() + max(0, max_overflow),  # type: ignore[attr-defined]
+        waiting=0 if queue is None else queue.waiting,
+        waits=0 if queue is None else queue.waits,
+        wait_seconds=0.0 if queue is None else round(queue.wait_seconds, 6),
     )
 
 
@@ -210,6 +241,68 @@ def _bounded_connect(driver: str, timeout: float) -> Callable[..., Awaitable[Any
     return connect
 
 
+_FRESH: Final = "reqscope.fresh"  # connection record info: made, not yet checked out
+
+
+def _mark_fresh(_dbapi_connection: object, record: ConnectionPoolEntry) -> None:
+    record.info[_FRESH] = True
+
+
+def _bounded_pre_ping(engine: AsyncEngine, timeout: float) -> None:
+    """Ping each pooled connection on checkout, as ``pool_pre_ping`` does, within ``timeout``.
+
+    SQLAlchemy's own pre-ping waits for the answer without a bound: against a server that
+    stopped answering (a partition, a stopped VM) every request on a pooled connection hung
+    while new connects failed in ``connect_timeout``. This ``checkout`` listener runs the
+    dialect's ping under an anyio deadline, in the checking-out task itself (a ping in a task
+    of its own, abandoned on timeout, would still be waiting on the socket that invalidation
+    closes, and psycopg then fails the next connection given the same file descriptor). A
+    ping that fails or does not answer in time raises ``InvalidatePoolError``, on which the
+    pool (as for its own failed pre-ping) invalidates its connections and connects anew,
+    which ``connect_timeout`` bounds. anyio keeps cancelling until the ping returns, so
+    psycopg closes the connection at once instead of asking a silent server to cancel the
+    query (which it waits 10 s for). A connection just made is not pinged.
+    """
+    dialect = engine.dialect
+
+    async def ping(dbapi_connection: Any) -> bool:  # in the loop, for the checking-out greenlet
+        with anyio.fail_after(timeout):
+            return bool(await greenlet_spawn(dialect.do_ping, dbapi_connection))
+
+    def checkout(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: object) -> None:
+        if record.info.pop(_FRESH, False):
+            return
+        try:
+            alive = await_only(ping(dbapi_connection))
+        except Exception as error:  # the ping failed or timed out: the connection is unusable
+            raise sa_exc.InvalidatePoolError(
+                f"pre-ping failed: {type(error).__name__}: {error}"
+            ) from error
+        if not alive:
+            raise sa_exc.InvalidatePoolError("pre-ping found the connection closed")
+
+    event.listen(engine.sync_engine, "connect", _mark_fresh)
+    event.listen(engine.sync_engine, "checkout", checkout)
+
+
+# What DISCARD ALL does, but DEALLOCATE ALL: the drivers' prepared-statement caches stay valid.
+_RESET_SESSION: Final = (
+    "CLOSE ALL; RESET ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); "
+    "DISCARD TEMP; DISCARD SEQUENCES"
+)
+
+
+def _reset_session(dbapi_connection: Any, _record: object, reset_state: Any) -> None:
+    """``reset`` listener (before the pool's rollback): reset the PostgreSQL session state."""
+    if reset_state.terminate_only or not reset_state.asyncio_safe:
+        return  # the connection is being discarded, or this runs where nothing may be awaited
+    dbapi_connection.rollback()  # out of any (failed) transaction first
+    driver = dbapi_connection.driver_connection
+    await_only(driver.execute(_RESET_SESSION))  # one round trip: several statements
+    if getattr(driver, "autocommit", True) is False:  # psycopg began a transaction for it
+        await_only(driver.commit())
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets readers proceed beside one writer; the busy timeout turns short write
     # contention into a wait instead of an immediate "database is locked".
@@ -238,7 +331,8 @@ def build_engine(
 
     Raises:
         ReqscopeError: the URL is malformed, names in-memory SQLite, or its driver is not
-            installed (the message names the extra to install).
+            installed (the message names the extra to install); ``reset_session`` on a
+            database other than PostgreSQL.
     """
     try:
         parsed = make_url(url)
@@ -249,14 +343,21 @@ def build_engine(
         ) from None
     refuse_memory_sqlite(parsed)
     config = pool or PoolConfig.standard()
+    if config.reset_session and parsed.get_backend_name() != "postgresql":
+        raise ReqscopeError(
+            f"PoolConfig(reset_session=True) resets PostgreSQL sessions; {parsed.drivername!r} "
+            "is not PostgreSQL: leave reset_session off there"
+        )
     kwargs: dict[str, Any] = {
+        "poolclass": fair_pool_class(),
         "pool_size": config.pool_size,
         "max_overflow": config.max_overflow,
         "pool_timeout": config.pool_timeout,
         "pool_recycle": config.pool_recycle,
-        "pool_pre_ping": config.pool_pre_ping,
         "connect_args": _connect_args(parsed, config.connect_timeout),
     }
+    # pool_pre_ping in engine_kwargs asks for SQLAlchemy's own, unbounded ping
+    bounded_ping = config.pool_pre_ping and "pool_pre_ping" not in engine_kwargs
     kwargs.update(engine_kwargs)
     try:
         engine = create_async_engine(parsed, **kwargs)
@@ -269,6 +370,10 @@ def build_engine(
         raise ReqscopeError(f"cannot create an engine for {parsed.drivername!r}: {exc}") from None
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    if bounded_ping:
+        _bounded_pre_ping(engine, config.connect_timeout)
+    if config.reset_session:
+        event.listen(engine.sync_engine, "reset", _reset_session)
     return engine
 
 

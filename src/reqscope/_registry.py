@@ -68,6 +68,8 @@ class FactoryMetrics:
     ``active_sessions`` is always ``sessions_opened - sessions_closed``: a session counts as
     closed when its scope ends or when the leak detector reclaims it (its connection is
     gone then), and a leak reported but left open stays active until its scope ends.
+    ``pool_timeouts`` counts scopes that ended in ``PoolExhaustedError`` (overload, which
+    never opens the circuit).
     """
 
     active_sessions: int
@@ -82,6 +84,7 @@ class FactoryMetrics:
     cleanup_failures: int
     circuit_state: CircuitState
     pool: PoolStats | None
+    pool_timeouts: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Return the metrics as JSON-safe data."""
@@ -99,6 +102,7 @@ class FactoryMetrics:
             "cleanup_failures": self.cleanup_failures,
             "circuit_state": self.circuit_state.value,
             "pool": None if pool is None else pool.to_dict(),
+            "pool_timeouts": self.pool_timeouts,
         }
 
 
@@ -139,6 +143,7 @@ class Entry:
         "lifetime",
         "owner",
         "state",
+        "statement_timeout",
         "task",
         "tenant",
     )
@@ -171,6 +176,8 @@ class Entry:
         self.bypass_tenant = False
         # (policy, user id) this session is confined to; None without a policy or in bypass.
         self.tenant: tuple[TenantPolicy, str] | None = None
+        # seconds a statement may run (PostgreSQL, SET LOCAL per transaction); None: no bound
+        self.statement_timeout: float | None = None
 
     # Set only once session.connection() hands out a connection: the before_execute listener
     # put on it (read with getattr(entry, "connection_guard", None)).
@@ -269,6 +276,7 @@ class SessionRegistry:
         "leaks_detected",
         "leaks_reclaimed",
         "peak_active",
+        "pool_timeouts",
         "scope_violations",
         "sessions_closed",
         "sessions_failed",
@@ -288,6 +296,7 @@ class SessionRegistry:
         self.isolation_violations = 0
         self.scope_violations = 0
         self.cleanup_failures = 0
+        self.pool_timeouts = 0
         self.peak_active = 0
 
     def __len__(self) -> int:

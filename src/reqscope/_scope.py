@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 from weakref import WeakKeyDictionary, ref
 
 import anyio
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.util import greenlet_spawn
 
 from reqscope._breaker import CircuitState
@@ -242,6 +243,7 @@ class SessionScope(Entry):
         lifetime: float | None,
         *,
         bypass_tenant: bool = False,
+        statement_timeout: float | None = None,
     ) -> None:
         # Entry.__init__ is not called: __aenter__ fills in the record when it opens the
         # session (the context may be the current one only then).
@@ -263,6 +265,9 @@ class SessionScope(Entry):
         self.ctx = ctx  # type: ignore[assignment]  # None: the current context, on entry
         self.lifetime = lifetime
         self.bypass_tenant = bypass_tenant
+        self.statement_timeout = (
+            factory.statement_timeout if statement_timeout is None else statement_timeout
+        )
         self.state = None  # not entered yet
 
     async def __aenter__(self) -> AsyncSession:
@@ -468,7 +473,10 @@ class SessionScope(Entry):
         """After a release: count a failure, tell the breaker, follow up a reported leak."""
         factory = self.owner
         if error is not None:
-            factory._registry.sessions_failed += 1  # noqa: SLF001
+            registry = factory._registry  # noqa: SLF001
+            registry.sessions_failed += 1
+            if isinstance(error, sa_exc.TimeoutError):  # the pool's: overload, not an outage
+                registry.pool_timeouts += 1
             breaker = factory.circuit_breaker
             if not breaker.observe(error) and self._probe:
                 breaker.release_probe()

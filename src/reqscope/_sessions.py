@@ -12,6 +12,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
@@ -23,13 +24,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.util import greenlet_spawn
 from typing_extensions import Self
 
-from reqscope._breaker import CircuitBreaker, is_connection_failure
+from reqscope._breaker import CircuitBreaker, is_configuration_error, is_connection_failure
 from reqscope._enforcement import (
     _PID_KEY,
     ReqscopeSession,
     _invalidate,
     _on_handle_error,
     _remember_backend_pid,
+    reclaimed_error,
     tenant_session_class,
 )
 from reqscope._leaks import LeakDetector
@@ -43,6 +45,7 @@ from reqscope._registry import (
 )
 from reqscope._scope import CleanupWatchdog, CommitScope, SessionScope
 from reqscope.exceptions import (
+    DatabaseConfigurationError,
     DatabaseUnavailableError,
     IsolationViolation,
     PoolExhaustedError,
@@ -105,9 +108,14 @@ class IsolatedSessionFactory:
         tenant: confine every session to its context's user inside the database (ORM
             filters everywhere, row-level security on PostgreSQL); see
             :mod:`reqscope.tenancy`.
+        statement_timeout: seconds any one statement of a session may run before the
+            server cancels it (PostgreSQL's ``statement_timeout``, set transaction-locally
+            as each transaction's first statement: one more round trip per transaction);
+            ``None``: no bound. A scope may set its own.
 
     Raises:
-        ReqscopeError: an in-memory SQLite URL or engine, or an unusable URL.
+        ReqscopeError: an in-memory SQLite URL or engine, an unusable URL, or a
+            ``statement_timeout`` on a database other than PostgreSQL.
     """
 
     def __init__(
@@ -124,6 +132,7 @@ class IsolatedSessionFactory:
         circuit_breaker: CircuitBreaker | None = None,
         cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
         tenant: TenantPolicy | None = None,
+        statement_timeout: float | None = None,
     ) -> None:
         if max_session_lifetime <= 0:
             raise ValueError(f"max_session_lifetime must be positive, got {max_session_lifetime}")
@@ -146,6 +155,7 @@ class IsolatedSessionFactory:
         self.enforce_owner = enforce_owner
         self.cleanup_timeout = cleanup_timeout
         self.tenant = tenant
+        self.statement_timeout = self._check_statement_timeout(statement_timeout)
         self.circuit_breaker = circuit_breaker or CircuitBreaker()
         kwargs = {"expire_on_commit": False, **(session_kwargs or {})}
         sync_class = kwargs.pop("sync_session_class", ReqscopeSession)
@@ -170,8 +180,13 @@ class IsolatedSessionFactory:
         self._state = "new"
         self._stack: contextlib.AsyncExitStack | None = None
         self._health_engine: AsyncEngine | None = None
+        # warnings about how the URL reaches the server; None until health() first asks
+        self._transport_warnings: tuple[str, ...] | None = None
         self._control_engine: AsyncEngine | None = None
+        # connection -> the reclaimed scope that held it (the leak detector's, see _reclaim)
+        self._reclaimed: weakref.WeakKeyDictionary[Connection, Entry] = weakref.WeakKeyDictionary()
         event.listen(self.engine.sync_engine, "handle_error", _on_handle_error)
+        event.listen(self.engine.sync_engine, "handle_error", self._reclaimed_statement)
         event.listen(self.engine.sync_engine, "do_connect", self._connect)
         if self.engine.dialect.name == "postgresql":
             event.listen(self.engine.sync_engine, "connect", _remember_backend_pid)
@@ -223,6 +238,7 @@ class IsolatedSessionFactory:
                 if extra is not None:
                     await self._dispose(extra)
             event.remove(self.engine.sync_engine, "handle_error", _on_handle_error)
+            event.remove(self.engine.sync_engine, "handle_error", self._reclaimed_statement)
             event.remove(self.engine.sync_engine, "do_connect", self._connect)
             if self.engine.dialect.name == "postgresql":
                 event.remove(
@@ -279,6 +295,7 @@ class IsolatedSessionFactory:
         *,
         max_lifetime: float | None = None,
         bypass_tenant: bool = False,
+        statement_timeout: float | None = None,
     ) -> SessionScope:
         """Open a new session for one request; uncommitted work rolls back on exit.
 
@@ -289,6 +306,8 @@ class IsolatedSessionFactory:
             bypass_tenant: lift the ORM tenant filter for admin work; only for a context
                 whose metadata carries the policy's ``admin_marker`` set to ``True``, and
                 always logged. Row-level security still applies on PostgreSQL.
+            statement_timeout: this scope's bound on one statement, in seconds (PostgreSQL);
+                the factory's ``statement_timeout`` when omitted.
 
         Returns:
             An async context manager yielding a real ``AsyncSession``. Inside the block,
@@ -299,8 +318,15 @@ class IsolatedSessionFactory:
             CircuitOpenError: the database circuit is open.
             PoolExhaustedError: no connection came free within ``pool_timeout``.
             IsolationViolation: ``bypass_tenant`` for a context not marked admin.
+            ReqscopeError: ``statement_timeout`` on a database other than PostgreSQL.
         """
-        return SessionScope(self, ctx, max_lifetime, bypass_tenant=bypass_tenant)
+        return SessionScope(
+            self,
+            ctx,
+            max_lifetime,
+            bypass_tenant=bypass_tenant,
+            statement_timeout=self._check_statement_timeout(statement_timeout),
+        )
 
     def begin(
         self,
@@ -308,9 +334,30 @@ class IsolatedSessionFactory:
         *,
         max_lifetime: float | None = None,
         bypass_tenant: bool = False,
+        statement_timeout: float | None = None,
     ) -> SessionScope:
         """Like :meth:`session`, but commit on success (and roll back on error)."""
-        return CommitScope(self, ctx, max_lifetime, bypass_tenant=bypass_tenant)
+        return CommitScope(
+            self,
+            ctx,
+            max_lifetime,
+            bypass_tenant=bypass_tenant,
+            statement_timeout=self._check_statement_timeout(statement_timeout),
+        )
+
+    def _check_statement_timeout(self, seconds: float | None) -> float | None:
+        """Validate a ``statement_timeout``; None stays None (the factory's applies)."""
+        if seconds is None:
+            return None
+        if not seconds > 0:
+            raise ValueError(f"statement_timeout must be positive seconds, got {seconds!r}")
+        if self.engine.dialect.name != "postgresql":
+            raise ReqscopeError(
+                f"statement_timeout is enforced by PostgreSQL's server; "
+                f"{self.engine.dialect.name} has no transaction-local statement timeout. "
+                "Bound the request instead, e.g. with run_isolated(..., timeout=...)"
+            )
+        return float(seconds)
 
     def _authorize_bypass(self, ctx: UserExecutionContext) -> None:
         policy = self.tenant
@@ -371,28 +418,36 @@ class IsolatedSessionFactory:
         return self._session_class(bind=self.engine, **self._session_kwargs)
 
     def _connect(self, dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
-        """``do_connect`` hook: a failed connect becomes :class:`DatabaseUnavailableError`.
+        """``do_connect`` hook: a failed connect becomes a reqscope error that says why.
 
         Drivers report an outage as a raw ``OSError``/``TimeoutError``, which inside a request
         could also be the application's own; raised here, it can only be the database's, so
-        the circuit breaker counts it and the user gets an error that says what to check.
+        it becomes :class:`DatabaseUnavailableError`, which the circuit breaker counts. A
+        server that answers by refusing the login or the database is up:
+        :class:`DatabaseConfigurationError`, which the breaker does not count.
         """
         try:
             return dialect.connect(*cargs, **cparams)
         except Exception as error:
-            if isinstance(error, ReqscopeError) or not (
+            if isinstance(error, ReqscopeError):
+                raise
+            url = self.engine.url.render_as_string(hide_password=True)
+            reason = f"{type(error).__name__}: {error}".rstrip(": ")
+            if is_configuration_error(error):
+                raise DatabaseConfigurationError(
+                    f"the database server at {url} refused the connection: {reason}; the "
+                    "server is up, so check the user, password and database name in the "
+                    "URL (and the server's pg_hba.conf or grants)"
+                ) from error
+            if not (
                 isinstance(error, dialect.loaded_dbapi.Error)
                 or is_connection_failure(error, connecting=True)
             ):
                 raise
-            url = self.engine.url.render_as_string(hide_password=True)
             raise DatabaseUnavailableError(
-                f"cannot connect to the database at {url}: {type(error).__name__}: {error}".rstrip(
-                    ": "
-                )
-                + "; check that it is running and reachable (after "
-                f"{self.circuit_breaker.failure_threshold} consecutive failures the "
-                "circuit opens and requests fail fast)"
+                f"cannot connect to the database at {url}: {reason}; check that it is "
+                f"running and reachable (after {self.circuit_breaker.failure_threshold} "
+                "consecutive failures the circuit opens and requests fail fast)"
             ) from error
 
     def _reclaim(self, entry: Entry, defer: bool) -> None:
@@ -403,6 +458,7 @@ class IsolatedSessionFactory:
         entry.state = EntryState.RECLAIMED
         conn = entry.connection
         if conn is not None:
+            self._reclaimed[conn] = entry  # a statement it was running fails: _reclaimed_statement
             if self.engine.dialect.has_terminate and not defer:
                 _invalidate(conn)
             else:  # the driver can only close from async code: finish in _drain
@@ -438,6 +494,16 @@ class IsolatedSessionFactory:
             )
         return error
 
+    def _reclaimed_statement(self, context: Any) -> BaseException | None:
+        """``handle_error`` hook: a statement cut off by the leak detector's reclaim.
+
+        Reclaiming invalidates the connection under a statement that may still be running;
+        the driver's error for that ("canceling statement due to user request", "connection
+        closed") is raised as :class:`SessionReclaimedError`, which says why.
+        """
+        entry = self._reclaimed.get(context.connection) if context.connection else None
+        return None if entry is None else reclaimed_error(entry, "execute")
+
     def _stop_cancelled_statement(self, context: Any) -> None:
         """Terminate the server backend of a statement interrupted by cancellation.
 
@@ -454,14 +520,23 @@ class IsolatedSessionFactory:
             return  # only exit exceptions: cancellation, KeyboardInterrupt
         try:
             pid = context.connection.info.get(_PID_KEY)
-            if pid is None:
-                return
+        except NotImplementedError:  # cancelled while connecting: nothing runs on the server
+            return
+        if pid is None:
+            return
+        try:
             from sqlalchemy.util import await_only  # noqa: PLC0415 - only on this rare path
 
             with anyio.CancelScope(shield=True):  # noqa: ASYNC100 - await_only awaits inside
                 await_only(self._cancel_backend(pid))
-        except Exception:
-            logger.exception("reqscope: could not cancel a cancelled request's statement")
+        except Exception as error:  # a cancellation is not an error: say so, at WARNING
+            logger.warning(
+                "reqscope: could not cancel the server-side statement of a cancelled request "
+                "(backend %s): %s: %s; the server stops it when the connection closes",
+                pid,
+                type(error).__name__,
+                error,
+            )
 
     async def _cancel_backend(self, pid: int) -> None:
         if self._control_engine is None:
@@ -503,6 +578,7 @@ class IsolatedSessionFactory:
             cleanup_failures=registry.cleanup_failures,
             circuit_state=self.circuit_breaker.state,
             pool=self.pool_stats(),
+            pool_timeouts=registry.pool_timeouts,
         )
 
     def active_sessions(self) -> tuple[SessionRecord, ...]:

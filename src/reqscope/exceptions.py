@@ -12,6 +12,7 @@ the builtin a caller would naturally catch where there is one::
     ├── PoolExhaustedError(TimeoutError)
     ├── CircuitOpenError
     ├── DatabaseUnavailableError(ConnectionError)
+    ├── DatabaseConfigurationError
     ├── DatabaseBusyError
     ├── AgentNotRegisteredError(KeyError)
     ├── AgentCreationError
@@ -34,6 +35,7 @@ __all__ = [
     "CircuitOpenError",
     "ContextValidationError",
     "DatabaseBusyError",
+    "DatabaseConfigurationError",
     "DatabaseUnavailableError",
     "IsolationViolation",
     "NoActiveContextError",
@@ -83,7 +85,11 @@ class IsolationViolation(ReqscopeError):  # noqa: N818 - the name is the public 
 
 
 class PoolExhaustedError(ReqscopeError, TimeoutError):
-    """Raised by a session scope when no pooled connection came within ``pool_timeout``."""
+    """Raised by a session scope when no pooled connection came within ``pool_timeout``.
+
+    Overload, not an outage: it never opens the circuit breaker, and it is counted in
+    ``FactoryMetrics.pool_timeouts``.
+    """
 
     def __init__(self, message: str, stats: PoolStats | None = None) -> None:
         self.stats = stats
@@ -104,6 +110,14 @@ class CircuitOpenError(ReqscopeError):
 
 class DatabaseUnavailableError(ReqscopeError, ConnectionError):
     """Raised by a session scope when no connection to the database could be made."""
+
+
+class DatabaseConfigurationError(ReqscopeError):
+    """Raised by a session scope when the server refused the URL's login or database.
+
+    A wrong password, an unknown role or database: the server is up, so this never opens
+    the circuit breaker.
+    """
 
 
 class DatabaseBusyError(ReqscopeError):

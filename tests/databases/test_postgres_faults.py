@@ -311,3 +311,46 @@ async def test_closing_the_factory_is_bounded_when_the_server_stops_answering(ca
         assert any("abandoning them" in r.getMessage() for r in caplog.records)
     finally:
         await proxy.close()
+
+
+@pytest.mark.parametrize("driver", ["postgres-asyncpg", "postgres-psycopg"])
+async def test_requests_on_pooled_connections_to_a_silent_server_fail_instead_of_hanging(
+    driver,
+) -> None:
+    # SQLAlchemy's pre-ping waited without a bound on a pooled connection to a server that
+    # stopped answering: every request hung while new connects failed in connect_timeout.
+    from sqlalchemy.engine import make_url
+
+    from conftest import server_url
+
+    url = make_url(server_url(driver))
+    proxy = _FreezingProxy(url.host or "127.0.0.1", url.port or 5432)
+    port = await proxy.start()
+    pool = PoolConfig(pool_size=2, max_overflow=0, pool_timeout=5, connect_timeout=1)
+    breaker = CircuitBreaker(failure_threshold=2)
+    try:
+        factory = IsolatedSessionFactory(
+            url.set(port=port), pool=pool, circuit_breaker=breaker, cleanup_timeout=0.5
+        )
+        async with factory:
+            async with anyio.create_task_group() as group:  # two pooled, idle connections
+                for user in ("alice", "bob"):
+                    group.start_soon(_select_one, factory, user)
+            assert factory.pool_stats().checked_in == 2  # type: ignore[union-attr]
+            proxy.frozen = True
+            with anyio.fail_after(30):  # a hang guard: unbounded before
+                for _ in range(2):
+                    with pytest.raises(DatabaseUnavailableError):
+                        await _select_one(factory, "alice")
+                assert breaker.state is CircuitState.OPEN  # the outage is counted
+                with pytest.raises(CircuitOpenError):
+                    await _select_one(factory, "alice")
+                assert (await factory.health(timeout=1)).status == "down"
+            assert factory.metrics().pool.checked_out == 0  # type: ignore[union-attr]
+    finally:
+        await proxy.close()
+
+
+async def _select_one(factory: IsolatedSessionFactory, user: str) -> None:
+    async with factory.session(UserExecutionContext.create(user)) as session:
+        await session.execute(text("SELECT 1"))
