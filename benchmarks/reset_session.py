@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import statistics
@@ -54,15 +55,14 @@ async def run(url: str, rounds: int, requests: int) -> None:
     factories = {name: IsolatedSessionFactory(url, pool=pool) for name, pool in pools.items()}
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in factories}
     names = list(factories)
-    for factory in factories.values():
-        await factory.start()
-        await measure(factory, 50)  # warm up: connect, cache statements
-    for index in range(rounds):
-        order = names[index % 3 :] + names[: index % 3]
-        for name in order:
-            results[name].append(await measure(factories[name], requests))
-    for factory in factories.values():
-        await factory.aclose()
+    async with contextlib.AsyncExitStack() as stack:  # closed in reverse, as started
+        for factory in factories.values():
+            await stack.enter_async_context(factory)
+            await measure(factory, 50)  # warm up: connect, cache statements
+        for index in range(rounds):
+            order = names[index % 3 :] + names[: index % 3]
+            for name in order:
+                results[name].append(await measure(factories[name], requests))
     print("| variant | wall µs/request | CPU µs/request | wall / off (IQR) | CPU / off (IQR) |")
     print("|---|---|---|---|---|")
     base = results["off"]
