@@ -6,7 +6,14 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from reqscope import IsolatedSessionFactory, PoolConfig, UserExecutionContext, _compat, build_engine
+from reqscope import (
+    IsolatedSessionFactory,
+    PoolConfig,
+    UserExecutionContext,
+    _compat,
+    _pool,
+    build_engine,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -33,3 +40,15 @@ async def test_without_sqlalchemy_queue_internals_the_pool_is_sqlalchemys_own(
         stats = factory.metrics().pool
         assert stats is not None
         assert (stats.waiting, stats.waits, stats.wait_seconds) == (0, 0, 0.0)
+
+
+def test_pool_pre_ping_in_engine_kwargs_keeps_sqlalchemys_own_ping(tmp_path) -> None:
+    from sqlalchemy import event
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}"
+    bounded = build_engine(url)
+    assert event.contains(bounded.sync_engine, "connect", _pool._mark_fresh)
+    assert not bounded.pool._pre_ping  # reqscope's bounded ping replaces it
+    own = build_engine(url, pool_pre_ping=True)
+    assert not event.contains(own.sync_engine, "connect", _pool._mark_fresh)
+    assert own.pool._pre_ping
