@@ -57,6 +57,7 @@ from reqscope import (
     TenantScoped,
     UserExecutionContext,
     build_engine,
+    use_context,
 )
 from reqscope._context import _current
 from reqscope._leaks import LeakDetector
@@ -122,11 +123,21 @@ def variants(plain_engine: AsyncEngine, factory: IsolatedSessionFactory):
         async with factory.session(contexts[user]) as session:
             await workload(session, user)
 
+    # The shape of a FastAPI dependency's session: opened with a child context, used by the
+    # endpoint under the request's own, so every statement takes the lineage check.
+    children = {user: ctx.child("dependency") for user, ctx in contexts.items()}
+
+    async def scoped_lineage(workload: Workload, user: str) -> None:
+        async with factory.session(children[user]) as session:
+            with use_context(contexts[user]):
+                await workload(session, user)
+
     runs = {
         "plain": plain,
         "plain-again": plain,
         "reqscope": scoped,
         "reqscope, context given": scoped_session_only,
+        "reqscope, used by its parent context": scoped_lineage,
     }
     if DIAGNOSTICS[0]:
         runs.update(diagnostic_variants(plain_engine, factory, contexts))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import enum
 import os
@@ -25,7 +26,7 @@ from reqscope import (
     current_context_or_none,
     use_context,
 )
-from reqscope._context import _random_hex, new_id
+from reqscope._context import _random_hex, new_id, same_request
 from reqscope.testing.strategies import contexts, user_ids
 from reqscope.testing.strategies import metadata as strategy_metadata
 
@@ -83,6 +84,7 @@ def test_children_keep_ids_and_chain_parents(ctx: UserExecutionContext, operatio
         assert descendant.run_id == ctx.run_id
         assert descendant.websocket_client_id == ctx.websocket_client_id
         assert descendant.parent_request_id == parent.request_id
+        assert descendant.root_request_id == ctx.root_request_id
         assert descendant.request_id != parent.request_id
         assert descendant.operation_depth == parent.operation_depth + 1
         assert descendant.audit_trail[-1].action == "child"
@@ -142,6 +144,39 @@ def test_create_generates_ids_and_records_creation() -> None:
     assert ctx.audit_trail[0].action == "created"
     assert ctx.operation_depth == 0
     assert ctx.parent_request_id is None
+    assert ctx.root_request_id == ctx.request_id
+
+
+def test_the_root_request_id_is_kept_by_derived_contexts_and_round_trips() -> None:
+    root = UserExecutionContext.create("alice", request_id="client-chosen-id")
+    derived = root.child("a").with_metadata(x=1).child("b")
+    assert derived.root_request_id == "client-chosen-id"
+    assert derived.request_id != "client-chosen-id"
+    again = UserExecutionContext.from_dict(derived.to_dict())
+    assert again == derived
+    assert again.root_request_id == "client-chosen-id"
+    assert UserExecutionContext.from_headers(derived.to_headers()) == derived
+    # a payload from before root_request_id existed: the request is its own root
+    legacy = {k: v for k, v in derived.to_dict().items() if k != "root_request_id"}
+    assert UserExecutionContext.from_dict(legacy).root_request_id == derived.request_id
+    # the constructor: empty means "this request is the root"; anything else is an id
+    assert UserExecutionContext("u", "t", "r", "q").root_request_id == "q"
+    assert UserExecutionContext("u", "t", "r", "q", root_request_id="p").root_request_id == "p"
+    with pytest.raises(ContextValidationError, match="root_request_id"):
+        UserExecutionContext("u", "t", "r", "q", root_request_id=" p")
+
+
+def test_only_derived_contexts_belong_to_the_same_request() -> None:
+    root = UserExecutionContext.create("alice")
+    for derived in (root, root.child("a"), root.with_metadata(x=1).child("b").child("c")):
+        assert same_request(derived, root)
+    for other in (
+        UserExecutionContext.create("alice", request_id=root.request_id),
+        UserExecutionContext.from_dict(root.to_dict()),
+        dataclasses.replace(root, metadata={"x": 1}),
+    ):
+        assert other.request_id == root.request_id
+        assert not same_request(other, root)
 
 
 def test_generated_ids_are_fresh_random_hex_across_batches() -> None:
@@ -219,6 +254,15 @@ BAD_IDS = [
     ("al\nice", "control"),
     ("al\x00ice", "control"),
     ("al\x7fice", "control"),
+    ("al\x85ice", "control"),  # NEL, a C1 control
+    ("al\ud800ice", "lone surrogate"),  # it used to fail only at its first statement
+    ("alice\u200b", "format character"),  # zero-width space
+    ("\u202ealice", "format character"),  # right-to-left override
+    ("al\u00adice", "format character"),  # soft hyphen: invisible
+    ("alice\u2028x", "line separator"),
+    ("alice\u2029x", "paragraph separator"),
+    ("alice\U000e0001", "format character"),  # language tag
+    ("al\u0378ice", "unassigned"),  # unassigned in every Unicode version so far
     ("x" * 257, "257"),
     (42, "must be a str"),
     (None, "must be a str"),
@@ -240,6 +284,34 @@ def test_invalid_ids_are_rejected_naming_the_field(value, problem, field) -> Non
 def test_create_rejects_invalid_user_ids(value, problem) -> None:
     with pytest.raises(ContextValidationError, match=problem):
         UserExecutionContext.create(value)
+
+
+def test_an_undisplayable_id_error_names_the_code_point_and_where_it_is() -> None:
+    with pytest.raises(ContextValidationError) as info:
+        UserExecutionContext.create("alice\u200b")
+    message = str(info.value)
+    assert "U+200B ZERO WIDTH SPACE (category Cf), at index 5" in message
+    assert "displayable" in message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Zoë",
+        "用户-42",
+        "مستخدم",  # right-to-left text itself is fine, only the override characters are not
+        "a\u00a0b",  # a no-break space inside an id (Zs) is displayable
+        "\ue000private",  # private use (Co) is the application's own business
+        "\U0001f469",  # an emoji; a joined sequence is refused for its joiner (below)
+    ],
+)
+def test_displayable_unicode_ids_are_accepted(value) -> None:
+    assert UserExecutionContext.create(value).user_id == value
+
+
+def test_an_emoji_zwj_sequence_is_refused_for_its_joiner() -> None:
+    with pytest.raises(ContextValidationError, match="U\\+200D ZERO WIDTH JOINER"):
+        UserExecutionContext.create("\U0001f469\u200d\U0001f4bb")
 
 
 @pytest.mark.parametrize("field", ["websocket_client_id", "parent_request_id"])

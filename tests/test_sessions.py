@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime as dt
 import logging
 import sys
@@ -260,12 +261,92 @@ async def test_another_users_task_cannot_touch_the_data(factory, alice, bob, tab
     assert await count_notes(factory, "alice") == 1
 
 
+async def test_another_request_of_the_same_user_is_refused(factory, alice, caplog) -> None:
+    caplog.set_level(logging.ERROR, logger="reqscope")
+    # the same user; then the same user and even the same (client-chosen) X-Request-ID
+    later = UserExecutionContext.create("alice")
+    replayed = UserExecutionContext.create("alice", request_id=alice.request_id)
+    rebuilt = UserExecutionContext.from_dict(alice.to_dict())
+    async with factory.session(alice) as session:
+        for other in (later, replayed, rebuilt):
+            with use_context(other), pytest.raises(IsolationViolation) as info:
+                await session.execute(text("SELECT 1"))
+            message = str(info.value)
+            assert alice.request_id in message
+            assert other.request_id in message
+            assert "another request of the same user" in message
+        assert (await session.execute(text("SELECT 1"))).scalar_one() == 1  # still alice's
+    assert factory.metrics().isolation_violations == 3
+    logged = [r for r in caplog.records if "isolation violation" in r.getMessage()]
+    assert [r.current_request_id for r in logged] == [
+        later.request_id,
+        replayed.request_id,
+        rebuilt.request_id,
+    ]
+
+
+async def test_code_with_no_context_is_refused(factory, alice) -> None:
+    """A task started with an empty context (a worker started at boot) is no request."""
+
+    async def worker(stolen: AsyncSession) -> None:
+        assert current_context_or_none() is None
+        await stolen.execute(text("SELECT 1"))
+
+    async with factory.session(alice) as session:
+        task = contextvars.Context().run(asyncio.ensure_future, worker(session))
+        with pytest.raises(IsolationViolation, match="no current context") as info:
+            await task
+        assert alice.request_id in str(info.value)
+    assert factory.metrics().isolation_violations == 1
+
+
+async def test_the_request_lineage_may_use_its_session(factory, alice) -> None:
+    """Children (at any depth), copies with metadata, spawned tasks and gather siblings."""
+    async with factory.session(alice) as session:
+        lock = asyncio.Lock()  # one statement at a time: a session is not concurrency-safe
+
+        async def select_one() -> int:
+            async with lock:
+                return (await session.execute(text("SELECT 1"))).scalar_one()
+
+        for ctx in (
+            alice.child("tool"),
+            alice.child("tool").child("nested").with_metadata(step=2),
+            alice.with_metadata(plan="pro"),
+        ):
+            with use_context(ctx):
+                assert await select_one() == 1
+        with use_context(alice.child("fan-out")):
+            assert await asyncio.gather(select_one(), select_one()) == [1, 1]
+            async with anyio.create_task_group() as group:
+                group.start_soon(select_one)
+            assert await asyncio.create_task(select_one()) == 1
+    assert factory.metrics().isolation_violations == 0
+
+
+async def test_a_child_sessions_tags_and_logs_carry_the_root_request_id(
+    factory, alice, caplog
+) -> None:
+    caplog.set_level(logging.ERROR, logger="reqscope")
+    grandchild = alice.child("dependency").child("tool")
+    async with factory.session(grandchild) as session:
+        tags = session_tags(session)
+        assert tags.request_id == grandchild.request_id
+        assert tags.root_request_id == alice.request_id == session.info["root_request_id"]
+        with use_context(UserExecutionContext.create("alice")), pytest.raises(IsolationViolation):
+            await session.execute(text("SELECT 1"))
+    (record,) = [r for r in caplog.records if "isolation violation" in r.getMessage()]
+    assert record.root_request_id == alice.request_id
+
+
 async def test_enforce_owner_can_be_disabled(database, alice, bob) -> None:
     async with (
         IsolatedSessionFactory(database.url, enforce_owner=False) as factory,
         factory.session(alice) as session,
     ):
         with use_context(bob):
+            assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+        with use_context(UserExecutionContext.create("alice")):
             assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
 
 

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import traceback
+import unicodedata
 
 import pytest
-from hypothesis import Phase, given, settings
+from hypothesis import Phase, find, given, settings
 from sqlalchemy import select, text
 
 from reqscope import ContextValidationError, IsolatedSessionFactory, UserExecutionContext
+from reqscope._context import MAX_ID_LENGTH
 from reqscope.testing import IsolationMachine, assert_no_leaks, assert_no_violations
 from reqscope.testing.strategies import contexts, invalid_user_ids, metadata, user_ids
 from tenant_models import Doc, TenantBase
@@ -17,6 +19,24 @@ pytestmark = pytest.mark.anyio
 @given(user_ids())
 def test_user_ids_are_valid(user_id) -> None:
     assert UserExecutionContext.create(user_id).user_id == user_id
+
+
+def test_user_ids_go_past_64_characters_towards_the_256_limit() -> None:
+    long = find(user_ids(), lambda value: len(value) > 64, settings=settings(max_examples=5000))
+    assert UserExecutionContext.create(long).user_id == long
+
+
+@given(user_ids())
+def test_user_ids_stay_within_the_limit(user_id) -> None:
+    assert 1 <= len(user_id) <= MAX_ID_LENGTH
+
+
+@pytest.mark.parametrize("category", ["Cc", "Cf", "Cs", "Cn", "Zl", "Zp"])
+def test_invalid_user_ids_cover_every_refused_category(category) -> None:
+    def holds(value: object) -> bool:
+        return isinstance(value, str) and any(unicodedata.category(c) == category for c in value)
+
+    assert holds(find(invalid_user_ids(), holds))
 
 
 @given(invalid_user_ids())

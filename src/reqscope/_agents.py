@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import anyio
 from typing_extensions import Self
 
-from reqscope._context import UserExecutionContext, _current, current_context
+from reqscope._context import UserExecutionContext, _current, current_context, log_fields
 from reqscope.exceptions import (
     AgentCreationError,
     AgentNotRegisteredError,
@@ -385,11 +385,7 @@ class AgentInstanceFactory:
         if close is None:
             self.agents_cleaned += 1
             return
-        extra = {
-            "user_id": ctx.user_id,
-            "request_id": ctx.request_id,
-            "agent": type(agent).__name__,
-        }
+        extra = {**log_fields(ctx), "agent": type(agent).__name__}
         with anyio.move_on_after(self.cleanup_timeout) as deadline:
             try:
                 result = close()

@@ -12,7 +12,7 @@ from typing import Any, Generic, Literal, TypeVar
 import anyio
 
 from reqscope._agents import check_agent_use
-from reqscope._context import UserExecutionContext, use_context
+from reqscope._context import UserExecutionContext, log_fields, use_context
 from reqscope.exceptions import RequestTimeoutError
 
 __all__ = ["RunResult", "gather_isolated", "run_isolated"]
@@ -110,7 +110,7 @@ async def run_isolated(
             ctx.request_id,
             ctx.user_id,
             duration,
-            extra={"user_id": ctx.user_id, "request_id": ctx.request_id, "run_id": ctx.run_id},
+            extra=log_fields(ctx),
         )
     elif error is not None:
         status = "error"
@@ -119,7 +119,7 @@ async def run_isolated(
             ctx.request_id,
             ctx.user_id,
             error,
-            extra={"user_id": ctx.user_id, "request_id": ctx.request_id, "run_id": ctx.run_id},
+            extra=log_fields(ctx),
         )
     else:
         status = "ok"

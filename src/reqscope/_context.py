@@ -12,8 +12,8 @@ import contextvars
 import datetime as dt
 import json
 import os
-import re
 import threading
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from types import TracebackType
@@ -46,9 +46,19 @@ PLACEHOLDER_IDS: Final = frozenset(
 HEADER_PREFIX: Final = "x-reqscope-"
 _LONGEST_PLACEHOLDER: Final = max(map(len, PLACEHOLDER_IDS))
 
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Code points an id may not hold, by Unicode category: what cannot be displayed, or shows
+# as something else, or cannot be encoded (a lone surrogate fails at the driver).
+_UNDISPLAYABLE: Final = {
+    "Cc": "a control character",
+    "Cf": "a format character (zero-width or bidirectional)",
+    "Cs": "a lone surrogate",
+    "Cn": "an unassigned code point",
+    "Zl": "a line separator",
+    "Zp": "a paragraph separator",
+}
 _ID_FIELDS: Final = ("user_id", "thread_id", "run_id", "request_id")
 _OPTIONAL_ID_FIELDS: Final = ("websocket_client_id", "parent_request_id")
+_ROOT: Final = "root_request_id"
 _UTC: Final = dt.timezone.utc
 
 
@@ -57,7 +67,9 @@ def validate_id(field_name: str, value: object) -> str:
 
     Raises:
         ContextValidationError: not a str, empty, longer than 256 characters, padded with
-            whitespace, containing control characters, or a placeholder such as ``"null"``.
+            whitespace, holding a code point that cannot be displayed or encoded (Unicode
+            categories Cc, Cf, Cs, Cn, Zl and Zp: :func:`undisplayable`), or a placeholder
+            such as ``"null"``.
     """
     if type(value) is not str:
         if isinstance(value, str):
@@ -72,8 +84,9 @@ def validate_id(field_name: str, value: object) -> str:
         raise ContextValidationError(
             field_name, f"is {len(value)} characters long; the limit is {MAX_ID_LENGTH}"
         )
-    if not (value.isascii() and value.isprintable()) and _CONTROL.search(value):
-        raise ContextValidationError(field_name, f"contains control characters: {value!r}")
+    # str.isprintable() is False for every refused category (and for a few allowed ones).
+    if not value.isprintable() and (problem := undisplayable(value)) is not None:
+        raise ContextValidationError(field_name, problem)
     if value != value.strip():
         raise ContextValidationError(field_name, f"has surrounding whitespace: {value!r}")
     if len(value) <= _LONGEST_PLACEHOLDER and value.lower() in PLACEHOLDER_IDS:
@@ -83,6 +96,33 @@ def validate_id(field_name: str, value: object) -> str:
             "pass the real id (or let UserExecutionContext.create() generate it)",
         )
     return value
+
+
+def undisplayable(value: str) -> str | None:
+    """Say what in ``value`` an id may not hold, or return None when it may hold it all.
+
+    Refused: code points in the Unicode categories Cc (control), Cf (format: zero-width
+    spaces, bidirectional overrides), Cs (lone surrogates), Cn (unassigned in the running
+    Python's Unicode database), Zl and Zp (line and paragraph separators).
+    """
+    for index, char in enumerate(value):
+        category = unicodedata.category(char)
+        kind = _UNDISPLAYABLE.get(category)
+        if kind is not None:
+            name = unicodedata.name(char, "")
+            named = f"U+{ord(char):04X}" + (f" {name}" if name else "")
+            return (
+                f"contains {kind}, {named} (category {category}), at index {index} of "
+                f"{value!r}; ids must be displayable text: control, format, surrogate, "
+                "unassigned and line or paragraph separator code points are refused"
+            )
+    return None
+
+
+class _Lineage:
+    """The identity of one request, shared by the contexts derived from its root context."""
+
+    __slots__ = ()
 
 
 class _RandomHex:
@@ -192,6 +232,14 @@ class UserExecutionContext:
     Build one with :meth:`create` (which generates missing ids) or the constructor (which
     validates everything). Derive new ones with :meth:`child` and :meth:`with_metadata`.
 
+    ``root_request_id`` is the request id of the context a chain of :meth:`child` calls
+    started from (the id the client sees in ``X-Request-ID``); for a context that is not a
+    child it is its own ``request_id`` (leave it empty in the constructor). A session
+    opened with a context is usable by that context's *lineage* only: the contexts derived
+    from the same root in this process, with :meth:`child` and :meth:`with_metadata`. A
+    context built any other way (the constructor, :meth:`create`, :meth:`from_dict`), even
+    with equal ids, is another request.
+
     Example:
         >>> ctx = UserExecutionContext.create("alice", metadata={"plan": "pro"})
         >>> child = ctx.child("summarize")
@@ -210,10 +258,15 @@ class UserExecutionContext:
     _: KW_ONLY
     websocket_client_id: str | None = None
     parent_request_id: str | None = None
+    root_request_id: str = ""
     operation_depth: int = 0
     created_at: dt.datetime = field(default_factory=_utcnow)
     metadata: Mapping[str, Any] = field(default=EMPTY)
     audit_trail: tuple[AuditEvent, ...] = ()
+    # The request this context belongs to, as an object: the same one for the context that
+    # started it and every context derived from it here (child(), with_metadata()), a new
+    # one for any context built otherwise. Sessions check it (is, not ==): ids can repeat.
+    _lineage: _Lineage = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -223,6 +276,9 @@ class UserExecutionContext:
             value = getattr(self, name)
             if value is not None:
                 set_(self, name, validate_id(name, value))
+        root = self.root_request_id
+        set_(self, _ROOT, self.request_id if root == "" else validate_id(_ROOT, root))
+        set_(self, "_lineage", _Lineage())
         depth = self.operation_depth
         if type(depth) is not int or not 0 <= depth <= MAX_OPERATION_DEPTH:
             raise ContextValidationError(
@@ -269,19 +325,22 @@ class UserExecutionContext:
         # Three ids' worth of digits, used or not: one call is cheaper than counting.
         fresh = _random_hex.take(96)
         now = _utcnow()
+        request_id = fresh[64:] if request_id is None else validate_id("request_id", request_id)
         return cls._trusted(
             validate_id("user_id", user_id),
             fresh[:32] if thread_id is None else validate_id("thread_id", thread_id),
             fresh[32:64] if run_id is None else validate_id("run_id", run_id),
-            fresh[64:] if request_id is None else validate_id("request_id", request_id),
+            request_id,
             None
             if websocket_client_id is None
             else validate_id("websocket_client_id", websocket_client_id),
             None,
+            request_id,
             0,
             now,
             EMPTY if metadata is None else freeze_mapping(metadata),
             (_event(now, "created", ""),),
+            _Lineage(),
         )
 
     @classmethod
@@ -293,10 +352,12 @@ class UserExecutionContext:
         request_id: str,
         websocket_client_id: str | None,
         parent_request_id: str | None,
+        root_request_id: str,
         operation_depth: int,
         created_at: dt.datetime,
         metadata: Mapping[str, Any],
         audit_trail: tuple[AuditEvent, ...],
+        lineage: _Lineage,
     ) -> Self:
         # Every argument is already validated: skip __init__/__post_init__, which would
         # validate it all again (this halves the cost of create() and child()).
@@ -308,10 +369,12 @@ class UserExecutionContext:
         _set_request_id(self, request_id)
         _set_websocket_client_id(self, websocket_client_id)
         _set_parent_request_id(self, parent_request_id)
+        _set_root_request_id(self, root_request_id)
         _set_operation_depth(self, operation_depth)
         _set_created_at(self, created_at)
         _set_metadata(self, metadata)
         _set_audit_trail(self, audit_trail)
+        _set_lineage(self, lineage)
         return self
 
     def _audited(self, action: str, detail: str, now: dt.datetime) -> tuple[AuditEvent, ...]:
@@ -326,9 +389,11 @@ class UserExecutionContext:
     def child(self, operation: str, **metadata: Any) -> Self:
         """Derive the context of a sub-operation of this request.
 
-        The child keeps the user, thread, run and WebSocket ids, gets a new ``request_id``,
-        points ``parent_request_id`` at this request, is one level deeper (at most 32) and
-        carries this context's metadata updated with ``metadata``.
+        The child keeps the user, thread, run and WebSocket ids and the
+        ``root_request_id``, gets a new ``request_id``, points ``parent_request_id`` at this
+        request, is one level deeper (at most 32) and carries this context's metadata
+        updated with ``metadata``. It belongs to this request: it may use this request's
+        sessions.
 
         Raises:
             ContextValidationError: ``operation`` is not a valid name, the chain is deeper
@@ -349,14 +414,16 @@ class UserExecutionContext:
             new_id(),
             self.websocket_client_id,
             self.request_id,
+            self.root_request_id,
             self.operation_depth + 1,
             now,
             self._merged(metadata),
             self._audited("child", operation, now),
+            self._lineage,
         )
 
     def with_metadata(self, **metadata: Any) -> Self:
-        """Return a copy of this context (same ids) with ``metadata`` merged in."""
+        """Return a copy of this context (same ids, same request) with ``metadata`` merged in."""
         return self._trusted(
             self.user_id,
             self.thread_id,
@@ -364,10 +431,12 @@ class UserExecutionContext:
             self.request_id,
             self.websocket_client_id,
             self.parent_request_id,
+            self.root_request_id,
             self.operation_depth,
             self.created_at,
             self._merged(metadata),
             self._audited("with_metadata", ",".join(sorted(metadata)), _utcnow()),
+            self._lineage,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -379,6 +448,7 @@ class UserExecutionContext:
             "request_id": self.request_id,
             "websocket_client_id": self.websocket_client_id,
             "parent_request_id": self.parent_request_id,
+            "root_request_id": self.root_request_id,
             "operation_depth": self.operation_depth,
             "created_at": self.created_at.isoformat(),
             "metadata": encode_json_value(self.metadata),
@@ -389,12 +459,15 @@ class UserExecutionContext:
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
         """Rebuild a context from :meth:`to_dict` output, validating every field.
 
+        The context is equal to the one serialized but starts a new lineage: it may not use
+        the sessions the original's request opened.
+
         Raises:
             ContextValidationError: a field is missing, unknown or invalid.
         """
         if not isinstance(data, Mapping):
             raise ContextValidationError("data", f"must be a mapping, got {type(data).__name__}")
-        known = {*_ID_FIELDS, *_OPTIONAL_ID_FIELDS, "operation_depth", "created_at"}
+        known = {*_ID_FIELDS, *_OPTIONAL_ID_FIELDS, _ROOT, "operation_depth", "created_at"}
         known |= {"metadata", "audit_trail"}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -417,6 +490,7 @@ class UserExecutionContext:
             data["request_id"],
             websocket_client_id=data.get("websocket_client_id"),
             parent_request_id=data.get("parent_request_id"),
+            root_request_id=data.get(_ROOT) or "",
             operation_depth=data.get("operation_depth", 0),
             created_at=created,
             metadata=freeze_mapping(decode_json_value(data.get("metadata") or {})),
@@ -496,19 +570,43 @@ _set_at, _set_action, _set_detail = _slot_setters(AuditEvent, "at", "action", "d
     _set_request_id,
     _set_websocket_client_id,
     _set_parent_request_id,
+    _set_root_request_id,
     _set_operation_depth,
     _set_created_at,
     _set_metadata,
     _set_audit_trail,
+    _set_lineage,
 ) = _slot_setters(
     UserExecutionContext,
     *_ID_FIELDS,
     *_OPTIONAL_ID_FIELDS,
+    _ROOT,
     "operation_depth",
     "created_at",
     "metadata",
     "audit_trail",
+    "_lineage",
 )
+
+
+def log_fields(ctx: UserExecutionContext) -> dict[str, str]:
+    """Structured ``extra=`` fields naming ``ctx``'s user and request for a log record."""
+    return {
+        "user_id": ctx.user_id,
+        "request_id": ctx.request_id,
+        "root_request_id": ctx.root_request_id,
+        "run_id": ctx.run_id,
+    }
+
+
+def same_request(ctx: UserExecutionContext, other: UserExecutionContext) -> bool:
+    """Whether ``other`` belongs to the same request as ``ctx`` (the same lineage).
+
+    True for ``ctx`` itself and every context derived from the same root context in this
+    process with ``child()`` and ``with_metadata()``; False for any other context, even one
+    with the same ids (a request id can come from a client header, so it proves nothing).
+    """
+    return ctx._lineage is other._lineage  # noqa: SLF001 - the same class
 
 
 _current: Final[contextvars.ContextVar[UserExecutionContext | None]] = contextvars.ContextVar(

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.util import memoized_property
 
-from reqscope._context import _current
+from reqscope._context import _current, same_request
 from reqscope._registry import Entry, EntryState, SessionTags
 from reqscope.exceptions import (
     DatabaseBusyError,
@@ -39,6 +39,7 @@ from reqscope.exceptions import (
 from reqscope.tenancy import add_tenant_criteria, guard_flush, set_tenant_setting
 
 if TYPE_CHECKING:
+    from reqscope._context import UserExecutionContext
     from reqscope._sessions import IsolatedSessionFactory
 
 __all__ = [
@@ -60,6 +61,7 @@ _TAG_KEYS: Final = (
     "created_at",
     "is_request_scoped",
     "factory_managed",
+    "root_request_id",
 )
 
 _ACTIVE: Final = EntryState.ACTIVE
@@ -106,7 +108,7 @@ class ReqscopeSession(Session):
             entry = self._reqscope_entry
             # _check(entry, "execute"), written out: this runs for every statement
             if entry is not None and (
-                entry.state is not _ACTIVE or _current.get() not in (entry.ctx, None)
+                entry.state is not _ACTIVE or _current.get() is not entry.ctx
             ):
                 _enforce(entry, "execute")
             return super()._execute_internal(*args, **kwargs)
@@ -127,48 +129,30 @@ def _guard_connection(entry: Entry, _conn: Connection, *_args: object) -> None:
 
 
 def _check(entry: Entry, operation: str) -> None:
-    """Pass when a live session is used by its own request; else :func:`_enforce`.
+    """Pass when a live session is used by the context that opened it; else :func:`_enforce`.
 
-    The fast path (the current context is the scope's own, or none) runs on every
-    statement, so it is one expression; ``ReqscopeSession._execute_internal`` writes the
-    same test out (a call per statement saved): change both together.
+    The fast path (the current context is the scope's own) runs on every statement, so it
+    is one expression; ``ReqscopeSession._execute_internal`` writes the same test out (a
+    call per statement saved): change both together.
     """
-    if entry.state is not _ACTIVE or _current.get() not in (entry.ctx, None):
+    if entry.state is not _ACTIVE or _current.get() is not entry.ctx:
         _enforce(entry, operation)
 
 
 def _enforce(entry: Entry, operation: str) -> None:
-    """Refuse ``operation`` on ``entry``'s session unless it is legal here and now."""
+    """Refuse ``operation`` on ``entry``'s session unless it is legal here and now.
+
+    A live session is usable by its request's lineage (the opening context and the contexts
+    derived from it: ``same_request``), and by anyone when the factory does not enforce
+    owners; any other current context, or none, is an :class:`IsolationViolation`.
+    """
     if entry.state is EntryState.ACTIVE:
         factory: IsolatedSessionFactory = entry.owner
-        if not factory.enforce_owner:
-            return
         current = _current.get()
-        if current is None or current.user_id == entry.ctx.user_id:
+        if not factory.enforce_owner or (current is not None and same_request(current, entry.ctx)):
             return
         factory._registry.isolation_violations += 1  # noqa: SLF001 - the factory's own counter
-        owner = entry.ctx
-        logger.error(
-            "reqscope: isolation violation: %s on session %s of user %r (request %s) "
-            "while user %r (request %s) is current",
-            operation,
-            entry.session_id,
-            owner.user_id,
-            owner.request_id,
-            current.user_id,
-            current.request_id,
-            extra={
-                **entry.log_fields(),
-                "current_user_id": current.user_id,
-                "current_request_id": current.request_id,
-            },
-        )
-        raise IsolationViolation(
-            f"{operation}: session {entry.session_id} belongs to user {owner.user_id!r} "
-            f"(request {owner.request_id}) but user {current.user_id!r} (request "
-            f"{current.request_id}) is current; open a session for this user with "
-            "factory.session(ctx) instead of passing sessions between requests"
-        )
+        raise _isolation_violation(entry, operation, current)
     factory = entry.owner
     factory._registry.scope_violations += 1  # noqa: SLF001
     ctx = entry.ctx
@@ -189,6 +173,53 @@ def _enforce(entry: Entry, operation: str) -> None:
         )
     logger.error("reqscope: %s", error, extra=entry.log_fields())
     raise error
+
+
+def _isolation_violation(
+    entry: Entry, operation: str, current: UserExecutionContext | None
+) -> IsolationViolation:
+    """Log the refused use of ``entry``'s session by ``current``, and return its error."""
+    owner = entry.ctx
+    fields = entry.log_fields()
+    where = f"session {entry.session_id} of user {owner.user_id!r} (request {owner.request_id})"
+    if current is None:
+        logger.error(
+            "reqscope: isolation violation: %s on %s from code with no current context",
+            operation,
+            where,
+            extra={**fields, "current_user_id": None, "current_request_id": None},
+        )
+        return IsolationViolation(
+            f"{operation}: {where} is used by code with no current context (a task or "
+            "worker started outside the request?); a session belongs to the request that "
+            "opened it: open one for this work with factory.session(ctx)"
+        )
+    logger.error(
+        "reqscope: isolation violation: %s on %s while user %r (request %s) is current",
+        operation,
+        where,
+        current.user_id,
+        current.request_id,
+        extra={
+            **fields,
+            "current_user_id": current.user_id,
+            "current_request_id": current.request_id,
+            "current_root_request_id": current.root_request_id,
+        },
+    )
+    if current.user_id != owner.user_id:
+        return IsolationViolation(
+            f"{operation}: session {entry.session_id} belongs to user {owner.user_id!r} "
+            f"(request {owner.request_id}) but user {current.user_id!r} (request "
+            f"{current.request_id}) is current; open a session for this user with "
+            "factory.session(ctx) instead of passing sessions between requests"
+        )
+    return IsolationViolation(
+        f"{operation}: {where} is used by another request of the same user (request "
+        f"{current.request_id}); a session belongs to the request that opened it and what "
+        "that request spawns (child contexts, its tasks): open a new session in each "
+        "request with factory.session(ctx) instead of keeping one across requests"
+    )
 
 
 def reclaimed_error(entry: Entry, operation: str) -> SessionReclaimedError:

@@ -43,6 +43,7 @@ class SessionTags:
     created_at: dt.datetime
     is_request_scoped: bool
     factory_managed: bool
+    root_request_id: str  # the request the session's context was derived from (X-Request-ID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +228,7 @@ class Entry:
     def tags(self) -> dict[str, Any]:
         """The ``session.info`` keys that say who owns the session."""
         return {
-            **self.log_fields(),  # the session id and the context's four ids
+            **self.log_fields(),  # the session id and the context's ids
             "created_at": self.opened_at,
             "is_request_scoped": self.state is not EntryState.GLOBAL,
             "factory_managed": True,
@@ -260,6 +261,7 @@ class Entry:
             "session_id": self.session_id,
             "user_id": ctx.user_id,
             "request_id": ctx.request_id,
+            "root_request_id": ctx.root_request_id,
             "thread_id": ctx.thread_id,
             "run_id": ctx.run_id,
         }

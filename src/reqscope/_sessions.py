@@ -25,6 +25,7 @@ from sqlalchemy.util import greenlet_spawn
 from typing_extensions import Self
 
 from reqscope._breaker import CircuitBreaker, is_configuration_error, is_connection_failure
+from reqscope._context import log_fields
 from reqscope._enforcement import (
     _PID_KEY,
     ReqscopeSession,
@@ -373,7 +374,7 @@ class IsolatedSessionFactory:
                 "not marked admin",
                 ctx.user_id,
                 ctx.request_id,
-                extra={"user_id": ctx.user_id, "request_id": ctx.request_id},
+                extra=log_fields(ctx),
             )
             raise IsolationViolation(
                 f"bypass_tenant=True for user {ctx.user_id!r}, whose context is not marked "
@@ -384,7 +385,7 @@ class IsolatedSessionFactory:
             "reqscope: tenant filter bypassed by admin user %r (request %s)",
             ctx.user_id,
             ctx.request_id,
-            extra={"user_id": ctx.user_id, "request_id": ctx.request_id, "bypass_tenant": True},
+            extra={**log_fields(ctx), "bypass_tenant": True},
         )
 
     async def check_tenancy(self, tables: tuple[str, ...] | None = None) -> TenancyReport:

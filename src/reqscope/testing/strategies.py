@@ -11,7 +11,7 @@ Example:
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Final, Literal
 
 from hypothesis import strategies as st
 
@@ -24,10 +24,18 @@ def _valid_id(value: str) -> bool:
     return value == value.strip() and value.lower() not in PLACEHOLDER_IDS
 
 
+# Unicode categories an id may not hold (reqscope._context.undisplayable).
+_Refused = Literal["Cc", "Cf", "Cs", "Cn", "Zl", "Zp"]
+_REFUSED_CATEGORIES: Final[tuple[_Refused, ...]] = ("Cc", "Cf", "Cs", "Cn", "Zl", "Zp")
+
+
 def user_ids() -> st.SearchStrategy[str]:
-    """Valid ids: 1 to 256 printable characters, no surrounding space, no placeholder."""
+    """Valid ids: 1 to 256 displayable characters, no surrounding space, no placeholder.
+
+    Displayable: no code point of the Unicode categories Cc, Cf, Cs, Cn, Zl or Zp.
+    """
     return st.text(
-        st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=64
+        st.characters(exclude_categories=_REFUSED_CATEGORIES), min_size=1, max_size=MAX_ID_LENGTH
     ).filter(_valid_id)
 
 
@@ -80,18 +88,27 @@ def contexts(
 
 
 def invalid_user_ids() -> st.SearchStrategy[object]:
-    """Every class of id that UserExecutionContext rejects."""
+    """Every class of id that UserExecutionContext rejects.
+
+    Empty, padded, too long, placeholders, not a str, and ids holding one code point of
+    each refused Unicode category (control, format, surrogate, unassigned, line and
+    paragraph separators) anywhere.
+    """
     placeholders = st.sampled_from(sorted(PLACEHOLDER_IDS)).flatmap(
         lambda p: st.sampled_from([p, p.upper(), p.title()])
     )
-    control = st.tuples(user_ids(), st.characters(min_codepoint=0, max_codepoint=31)).map(
-        lambda pair: pair[0][:1] + pair[1] + pair[0][1:]
-    )
+    undisplayable = st.tuples(
+        user_ids(),
+        st.sampled_from(_REFUSED_CATEGORIES).flatmap(
+            lambda category: st.characters(categories=(category,))
+        ),
+        st.integers(0, MAX_ID_LENGTH),
+    ).map(lambda t: (t[0][: t[2]] + t[1] + t[0][t[2] :])[:MAX_ID_LENGTH])
     return st.one_of(
         st.just(""),
         user_ids().map(lambda s: f" {s}"),
         user_ids().map(lambda s: f"{s}\t"),
-        control,
+        undisplayable,
         st.text(min_size=MAX_ID_LENGTH + 1, max_size=MAX_ID_LENGTH + 20).filter(_valid_id),
         placeholders,
         st.integers(),
