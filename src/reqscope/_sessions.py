@@ -400,8 +400,12 @@ class IsolatedSessionFactory:
             also logged).
 
         Raises:
-            TenancyConfigurationError: the role is a superuser or has ``BYPASSRLS``, owns a
-                tenant table without ``FORCE ROW LEVEL SECURITY``, or a table lacks RLS.
+            TenancyConfigurationError: the role is a superuser or has ``BYPASSRLS``; owns a
+                tenant table without ``FORCE ROW LEVEL SECURITY``, or inherits the
+                privileges of its owner; a table lacks RLS; or the role can read a view
+                over a tenant table that returns every tenant's rows (not
+                ``security_invoker``, owned by a role the policies do not bind) or a
+                materialized view over one.
         """
         report = await inspect_tenancy(
             self.engine, tables if tables is not None else tenant_tables()

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from sqlalchemy.engine import Connection
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
     from sqlalchemy.orm import ORMExecuteState
     from sqlalchemy.sql import Update
 
@@ -302,8 +302,82 @@ def tenant_tables() -> tuple[str, ...]:
     return tuple(sorted(tables))
 
 
+# Views and materialized views this role may read that read a tenant table, directly or
+# through other views, with what decides whether row-level security still applies there.
+_VIEWS_OVER_TENANT_TABLES: Final = """
+WITH RECURSIVE tenant AS (
+    SELECT to_regclass(name) AS oid FROM unnest(CAST(:tables AS text[])) AS name
+), reads(view_oid, table_oid) AS (
+    SELECT DISTINCT rule.ev_class, dep.refobjid
+    FROM pg_depend dep JOIN pg_rewrite rule ON rule.oid = dep.objid
+    WHERE dep.classid = 'pg_rewrite'::regclass AND dep.refclassid = 'pg_class'::regclass
+      AND dep.refobjid IN (SELECT oid FROM tenant) AND rule.ev_class <> dep.refobjid
+  UNION
+    SELECT rule.ev_class, reads.table_oid
+    FROM reads
+    JOIN pg_depend dep ON dep.refclassid = 'pg_class'::regclass AND dep.refobjid = reads.view_oid
+      AND dep.classid = 'pg_rewrite'::regclass
+    JOIN pg_rewrite rule ON rule.oid = dep.objid
+    WHERE rule.ev_class <> reads.view_oid
+)
+SELECT view.oid::regclass::text, view.relkind::text, owner.rolname,
+       owner.rolsuper OR owner.rolbypassrls,
+       EXISTS (SELECT FROM unnest(coalesce(view.reloptions, '{}')) AS option
+               WHERE lower(option) IN ('security_invoker=true', 'security_invoker=on',
+                                       'security_invoker=yes', 'security_invoker=1')),
+       tab.oid::regclass::text,
+       NOT tab.relforcerowsecurity AND pg_has_role(view.relowner, tab.relowner, 'USAGE')
+FROM reads
+JOIN pg_class view ON view.oid = reads.view_oid
+JOIN pg_class tab ON tab.oid = reads.table_oid
+JOIN pg_roles owner ON owner.oid = view.relowner
+WHERE has_table_privilege(view.oid, 'SELECT')
+ORDER BY 1, 6
+"""
+
+
+async def _views_that_bypass(conn: AsyncConnection, tables: tuple[str, ...]) -> list[str]:
+    """The problems of the views this role can read that return every tenant's rows.
+
+    A view runs with its owner's rights unless it is ``security_invoker`` (PostgreSQL 15+),
+    so row-level security is checked against the view's owner: a superuser or ``BYPASSRLS``
+    owner, or one with the privileges of the owner of a table without ``FORCE``, reads every
+    tenant's rows through it. A materialized view holds rows no policy filters.
+    """
+    if not tables:
+        return []
+    rows = (await conn.execute(text(_VIEWS_OVER_TENANT_TABLES), {"tables": list(tables)})).all()
+    leaking: dict[tuple[str, str, str], list[str]] = {}
+    for view, kind, owner, privileged, invoker, table, owner_bypasses in rows:
+        if kind == "m" or (not invoker and (privileged or owner_bypasses)):
+            leaking.setdefault((view, kind, owner), []).append(table)
+    problems = []
+    for (view, kind, owner), read in leaking.items():
+        names = ", ".join(repr(table) for table in read)
+        if kind == "m":
+            problems.append(
+                f"materialized view {view} reads tenant table(s) {names}; row-level security "
+                "never filters a materialized view's rows: drop it, or revoke this role's "
+                "SELECT on it"
+            )
+        else:
+            problems.append(
+                f"view {view!r} reads tenant table(s) {names} with the rights of its owner "
+                f"{owner!r}, which row-level security does not bind, so it returns every "
+                f"tenant's rows; run ALTER VIEW {view} SET (security_invoker = true) "
+                "(PostgreSQL 15+), or make its owner a role the policies bind"
+            )
+    return problems
+
+
 async def inspect_tenancy(engine: AsyncEngine, tables: tuple[str, ...]) -> TenancyReport:
     """Read the role's RLS privileges and each table's RLS state; list what would bypass it.
+
+    Problems: the role is a superuser or has ``BYPASSRLS``; it has the privileges of the
+    owner of a table without ``FORCE ROW LEVEL SECURITY`` (it owns it, or is a member of the
+    owning role that inherits its privileges); a table lacks RLS; a view it can read returns
+    every tenant's rows (:func:`_views_that_bypass`). Warnings: a table without ``FORCE``
+    that the role does not own (or can only ``SET ROLE`` to its owner for).
 
     Raises:
         TenancyConfigurationError: not PostgreSQL (row-level security needs it).
@@ -339,7 +413,9 @@ async def inspect_tenancy(engine: AsyncEngine, tables: tuple[str, ...]) -> Tenan
             row = (
                 await conn.execute(
                     text(
-                        "SELECT pg_get_userbyid(relowner), relrowsecurity, relforcerowsecurity "
+                        "SELECT pg_get_userbyid(relowner), relrowsecurity, relforcerowsecurity, "
+                        "pg_has_role(current_user, relowner, 'USAGE'), "
+                        "pg_has_role(current_user, relowner, 'MEMBER') "
                         "FROM pg_class WHERE oid = to_regclass(:t)"
                     ),
                     {"t": table},
@@ -348,7 +424,7 @@ async def inspect_tenancy(engine: AsyncEngine, tables: tuple[str, ...]) -> Tenan
             if row is None:
                 problems.append(f"tenant table {table!r} does not exist")
                 continue
-            owner, enabled, forced = row
+            owner, enabled, forced, owner_privileges, member = row
             statuses.append(TableStatus(table, owner, bool(enabled), bool(forced)))
             if not enabled:
                 problems.append(
@@ -358,13 +434,20 @@ async def inspect_tenancy(engine: AsyncEngine, tables: tuple[str, ...]) -> Tenan
             elif not forced:
                 message = f"table {table!r} lacks FORCE ROW LEVEL SECURITY"
                 fix = f"; run ALTER TABLE {table} FORCE ROW LEVEL SECURITY"
-                if owner == role:  # the owner bypasses its own table's policies without FORCE
+                if owner_privileges:  # the owner, and its members, bypass without FORCE
+                    who = "owns it" if owner == role else f"is a member of {owner!r}, which owns it"
                     problems.append(
-                        f"{message} and role {role!r} owns it, so its policies do not apply "
+                        f"{message} and role {role!r} {who}, so its policies do not apply "
                         f"to this role{fix}"
+                    )
+                elif member:
+                    warnings.append(
+                        f"{message}, and role {role!r} may SET ROLE {owner} (its owner), "
+                        f"which bypasses them{fix}"
                     )
                 else:
                     warnings.append(f"{message} (its owner {owner!r} bypasses them){fix}")
+        problems.extend(await _views_that_bypass(conn, tables))
     return TenancyReport(
         role, bool(superuser), bool(bypass), tuple(statuses), tuple(problems), tuple(warnings)
     )

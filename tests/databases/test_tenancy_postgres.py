@@ -26,7 +26,9 @@ from tenant_models import TABLES, Doc, TenantBase
 pytestmark = pytest.mark.anyio
 
 APP, BYPASS, OWNER = "reqscope_app", "reqscope_bypass", "reqscope_owner"
+MEMBER, NOINHERIT = "reqscope_owner_member", "reqscope_owner_noinherit"
 OWNED = "reqscope_owned_notes"
+VIEW = "reqscope_docs_view"
 
 
 def as_role(url: str, role: str) -> str:
@@ -39,11 +41,21 @@ async def _ddl(engine: AsyncEngine, *statements: str) -> None:
             await conn.execute(text(statement))
 
 
+async def _drop_views(admin: AsyncEngine) -> None:
+    await _ddl(admin, f"DROP MATERIALIZED VIEW IF EXISTS {VIEW}_m", f"DROP VIEW IF EXISTS {VIEW}")
+
+
 @pytest.fixture(name="rls")
 async def _rls(postgres) -> AsyncIterator[str]:
     """Tables owned by the superuser, RLS forced, DML granted to an unprivileged role."""
     admin = create_async_engine(postgres.url, poolclass=NullPool)
-    roles = {APP: "NOSUPERUSER NOBYPASSRLS", BYPASS: "NOSUPERUSER BYPASSRLS", OWNER: "NOSUPERUSER"}
+    roles = {
+        APP: "NOSUPERUSER NOBYPASSRLS",
+        BYPASS: "NOSUPERUSER BYPASSRLS",
+        OWNER: "NOSUPERUSER",
+        MEMBER: "NOSUPERUSER NOBYPASSRLS INHERIT",
+        NOINHERIT: "NOSUPERUSER NOBYPASSRLS NOINHERIT",
+    }
     for role, options in roles.items():
         await _ddl(
             admin,
@@ -51,6 +63,7 @@ async def _rls(postgres) -> AsyncIterator[str]:
             f"THEN CREATE ROLE {role} LOGIN; END IF; END $$",
             f"ALTER ROLE {role} {options}",
         )
+    await _drop_views(admin)
     async with admin.begin() as conn:
         await conn.run_sync(TenantBase.metadata.drop_all)
         await conn.run_sync(TenantBase.metadata.create_all)
@@ -60,8 +73,13 @@ async def _rls(postgres) -> AsyncIterator[str]:
             *rls_policy_sql(table),
             f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {APP}, {BYPASS}",
         )
-    await _ddl(admin, f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {APP}, {BYPASS}")
+    await _ddl(
+        admin,
+        f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {APP}, {BYPASS}",
+        f"GRANT {OWNER} TO {MEMBER}, {NOINHERIT}",
+    )
     yield postgres.url
+    await _drop_views(admin)
     async with admin.begin() as conn:
         await conn.run_sync(TenantBase.metadata.drop_all)
     await _ddl(admin, f"DROP TABLE IF EXISTS {OWNED}")
@@ -179,6 +197,107 @@ async def test_check_tenancy_refuses_roles_that_bypass_rls(rls, role, problem) -
         if role != OWNER:  # and the factory refuses to start at all
             with pytest.raises(TenancyConfigurationError, match=problem):
                 await factory.start()
+    finally:
+        await factory.aclose()
+
+
+async def _owned_table_with_a_policy(admin: AsyncEngine) -> None:
+    """OWNED, owned by OWNER, RLS enabled with a tenant policy but not forced; rows of two users."""
+    await _ddl(
+        admin,
+        f"DROP TABLE IF EXISTS {OWNED}",
+        f"CREATE TABLE {OWNED} (id serial primary key, user_id text)",
+        f"INSERT INTO {OWNED} (user_id) VALUES ('alice'), ('bob')",
+        f"ALTER TABLE {OWNED} OWNER TO {OWNER}",
+        f"ALTER TABLE {OWNED} ENABLE ROW LEVEL SECURITY",
+        f"CREATE POLICY tenant ON {OWNED} USING "
+        "(user_id = nullif(current_setting('reqscope.user_id', true), ''))",
+    )
+
+
+async def test_a_member_of_the_owning_role_is_refused(rls) -> None:
+    """A member inheriting the owner's privileges bypasses RLS on a table without FORCE."""
+    admin = create_async_engine(rls, poolclass=NullPool)
+    await _owned_table_with_a_policy(admin)
+    await admin.dispose()
+    factory = IsolatedSessionFactory(as_role(rls, MEMBER), tenant=TenantPolicy())
+    try:
+        # what the check protects against: alice's raw SQL reads bob's row
+        async with factory.session(UserExecutionContext.create("alice")) as session:
+            owners = (await session.scalars(text(f"SELECT user_id FROM {OWNED}"))).all()
+        assert sorted(owners) == ["alice", "bob"]
+        with pytest.raises(TenancyConfigurationError, match=f"member of {OWNER!r}") as info:
+            await factory.check_tenancy(tables=(OWNED,))
+        assert "FORCE ROW LEVEL SECURITY" in str(info.value)
+    finally:
+        await factory.aclose()
+    # a member that does not inherit the privileges is bound, but could SET ROLE: a warning
+    factory = IsolatedSessionFactory(as_role(rls, NOINHERIT), tenant=TenantPolicy())
+    try:
+        report = await factory.check_tenancy(tables=(OWNED,))
+        assert report.ok
+        assert any("SET ROLE" in warning for warning in report.warnings)
+    finally:
+        await factory.aclose()
+
+
+@pytest.mark.parametrize(
+    ("owner", "options", "leaks"),
+    [
+        ("postgres", "", True),  # a superuser's view: every tenant's rows
+        (BYPASS, "", True),
+        ("postgres", "WITH (security_invoker = true)", False),  # runs as the app role
+        (APP, "", False),  # the app role is bound by the (forced) policy: so is its view
+    ],
+)
+async def test_views_over_tenant_tables_that_bypass_rls_are_refused(
+    rls, owner, options, leaks
+) -> None:
+    admin = create_async_engine(rls, poolclass=NullPool)
+    await _ddl(
+        admin,
+        f"CREATE VIEW {VIEW} {options} AS SELECT d.user_id, d.title FROM reqscope_tenant_docs d",
+        f"ALTER VIEW {VIEW} OWNER TO {owner}",
+        f"GRANT SELECT ON reqscope_tenant_docs TO {owner}",
+        f"GRANT SELECT ON {VIEW} TO {APP}",
+    )
+    await admin.dispose()
+    factory = IsolatedSessionFactory(as_role(rls, APP), tenant=TenantPolicy())
+    try:
+        await seed(factory, "alice", 1)
+        await seed(factory, "bob", 1)
+        async with factory.session(UserExecutionContext.create("alice")) as session:
+            owners = (await session.scalars(text(f"SELECT user_id FROM {VIEW}"))).all()
+        assert sorted(owners) == (["alice", "bob"] if leaks else ["alice"])
+        if leaks:
+            with pytest.raises(TenancyConfigurationError, match=f"view {VIEW!r}") as info:
+                await factory.check_tenancy()
+            assert "security_invoker" in str(info.value)
+            assert "reqscope_tenant_docs" in str(info.value)
+            with pytest.raises(TenancyConfigurationError):  # the factory does not start
+                await factory.start()
+        else:
+            assert (await factory.check_tenancy()).ok
+            await factory.start()
+    finally:
+        await factory.aclose()
+
+
+async def test_a_materialized_view_over_a_tenant_table_is_refused(rls) -> None:
+    admin = create_async_engine(rls, poolclass=NullPool)
+    await _ddl(
+        admin,
+        f"CREATE VIEW {VIEW} WITH (security_invoker = true) AS "
+        "SELECT user_id FROM reqscope_tenant_docs",
+        f"CREATE MATERIALIZED VIEW {VIEW}_m AS SELECT user_id FROM {VIEW}",  # through a view
+        f"GRANT SELECT ON {VIEW}, {VIEW}_m TO {APP}",
+    )
+    await admin.dispose()
+    factory = IsolatedSessionFactory(as_role(rls, APP), tenant=TenantPolicy())
+    try:
+        with pytest.raises(TenancyConfigurationError, match=f"materialized view {VIEW}_m") as info:
+            await factory.check_tenancy()
+        assert f"view {VIEW!r}" not in str(info.value)  # the invoker view itself is fine
     finally:
         await factory.aclose()
 
