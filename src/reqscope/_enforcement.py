@@ -39,6 +39,8 @@ from reqscope.exceptions import (
 from reqscope.tenancy import add_tenant_criteria, guard_flush, set_tenant_setting
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Result
+
     from reqscope._context import UserExecutionContext
     from reqscope._sessions import IsolatedSessionFactory
 
@@ -270,10 +272,11 @@ class _TenantSession(ReqscopeSession):
 
 
 @event.listens_for(_TenantSession, "do_orm_execute")
-def _on_orm_execute(state: ORMExecuteState) -> None:
+def _on_orm_execute(state: ORMExecuteState) -> Result[Any] | None:
     entry: Entry | None = state.session._reqscope_entry  # type: ignore[attr-defined]  # noqa: SLF001
     if entry is not None and entry.tenant is not None:
-        add_tenant_criteria(state, *entry.tenant)
+        return add_tenant_criteria(state, *entry.tenant)
+    return None
 
 
 _tenant_classes: dict[type[ReqscopeSession], type[ReqscopeSession]] = {

@@ -30,7 +30,7 @@ from reqscope.exceptions import IsolationViolation, TenancyConfigurationError
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from sqlalchemy.engine import Connection
+    from sqlalchemy.engine import Connection, Result
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
     from sqlalchemy.orm import ORMExecuteState
     from sqlalchemy.sql import Update
@@ -115,13 +115,21 @@ def _tenant_criteria(column: str) -> Any:
     return with_loader_criteria(TenantScoped, namespace["criteria"], include_aliases=True)
 
 
-def add_tenant_criteria(state: ORMExecuteState, policy: TenantPolicy, user_id: str) -> None:
-    """``do_orm_execute``: restrict ORM statements on tenant-scoped models to ``user_id``."""
+def add_tenant_criteria(
+    state: ORMExecuteState, policy: TenantPolicy, user_id: str
+) -> Result[Any] | None:
+    """``do_orm_execute``: restrict ORM statements on tenant-scoped models to ``user_id``.
+
+    Returns the result of the statement run with the tenant filter and parameter, or None
+    when the statement needs neither. The statement is run again through
+    ``state.invoke_statement()``: SQLAlchemy 2.0 ignores parameters a hook assigns to
+    ``state.parameters`` (2.1 honours them), while ``invoke_statement()`` runs what the hook
+    made on every 2.x release.
+    """
     if state.is_insert:
-        _guard_bulk_insert(state, policy, user_id)
-        return
+        return _guard_bulk_insert(state, policy, user_id)
     if not (state.is_select or state.is_update or state.is_delete):
-        return
+        return None
     if not (state.is_column_load or state.is_relationship_load):
         # Loads started by a statement carry its criteria already.
         statement = state.statement.options(_tenant_criteria(policy.column))
@@ -136,6 +144,7 @@ def add_tenant_criteria(state: ORMExecuteState, policy: TenantPolicy, user_id: s
             ).execution_options(synchronize_session=None)
         state.statement = statement
     state.parameters = _with_tenant(state.parameters, user_id)
+    return state.invoke_statement()
 
 
 def _targets_tenant(state: ORMExecuteState) -> bool:
@@ -143,11 +152,13 @@ def _targets_tenant(state: ORMExecuteState) -> bool:
     return mapper is not None and _scoped(mapper.class_)
 
 
-def _guard_bulk_insert(state: ORMExecuteState, policy: TenantPolicy, user_id: str) -> None:
+def _guard_bulk_insert(
+    state: ORMExecuteState, policy: TenantPolicy, user_id: str
+) -> Result[Any] | None:
     """ORM bulk INSERT (``session.execute(insert(Model), rows)``): stamp or refuse rows."""
     parameters = state.parameters
     if not _targets_tenant(state) or not parameters:
-        return
+        return None
     column = policy.column
     what = f"insert: a {state.bind_mapper.class_.__name__} row"  # type: ignore[union-attr]
 
@@ -158,6 +169,7 @@ def _guard_bulk_insert(state: ORMExecuteState, policy: TenantPolicy, user_id: st
         state.parameters = [stamped(row) for row in parameters]
     else:
         state.parameters = stamped(parameters)  # type: ignore[arg-type]
+    return state.invoke_statement()  # with the stamped rows (add_tenant_criteria says why)
 
 
 def _new_row_tenant(value: object, policy: TenantPolicy, user_id: str, what: str) -> object:
