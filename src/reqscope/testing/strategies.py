@@ -34,8 +34,11 @@ def user_ids() -> st.SearchStrategy[str]:
 
     Displayable: no code point of the Unicode categories Cc, Cf, Cs, Cn, Zl or Zp.
     """
-    return st.text(
-        st.characters(exclude_categories=_REFUSED_CATEGORIES), min_size=1, max_size=MAX_ID_LENGTH
+    characters = st.characters(exclude_categories=_REFUSED_CATEGORIES)
+    # Long ids drawn on purpose: left to itself Hypothesis rarely makes text this long.
+    return (
+        st.text(characters, min_size=1, max_size=64)
+        | st.text(characters, min_size=65, max_size=MAX_ID_LENGTH)
     ).filter(_valid_id)
 
 
@@ -87,6 +90,11 @@ def contexts(
     return ctx
 
 
+def _insert(text: str, char: str, index: int) -> str:
+    """``text`` with ``char`` inserted at ``index`` (or at its end)."""
+    return text[:index] + char + text[index:]
+
+
 def invalid_user_ids() -> st.SearchStrategy[object]:
     """Every class of id that UserExecutionContext rejects.
 
@@ -103,7 +111,7 @@ def invalid_user_ids() -> st.SearchStrategy[object]:
             lambda category: st.characters(categories=(category,))
         ),
         st.integers(0, MAX_ID_LENGTH),
-    ).map(lambda t: (t[0][: t[2]] + t[1] + t[0][t[2] :])[:MAX_ID_LENGTH])
+    ).map(lambda t: _insert(t[0][: MAX_ID_LENGTH - 1], t[1], t[2]))
     return st.one_of(
         st.just(""),
         user_ids().map(lambda s: f" {s}"),
