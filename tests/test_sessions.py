@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import datetime as dt
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,13 +14,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import anyio
 import pytest
 from sqlalchemy import func, select, text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from models import Note, create_tables, drop_tables
 from reqscope import (
     IsolatedSessionFactory,
     IsolationViolation,
     NoActiveContextError,
+    ReqscopeError,
     SessionScopeError,
     UserExecutionContext,
     current_context,
@@ -676,6 +678,76 @@ async def test_closed_factory_refuses_new_sessions(database, alice) -> None:
         async with factory.session(alice):
             pass
     await factory.aclose()  # idempotent
+
+
+async def test_a_closed_factory_starts_again(database, alice, tables) -> None:
+    # An app whose lifespan is entered once per test (`with TestClient(app)` in each test)
+    # closes and starts its factory again: each lifespan gets a working factory.
+    factory = IsolatedSessionFactory(database.url, max_session_lifetime=0.05)
+    for round_ in range(2):
+        async with factory:
+            assert not factory.closed
+            async with factory.begin(alice) as session:
+                session.add(Note(user_id=alice.user_id, body=f"round {round_}"))
+            scope = factory.session(alice)
+            await scope.__aenter__()  # held past its lifetime: the detector must see it
+            with anyio.fail_after(5):
+                while factory.metrics().leaks_detected == round_:
+                    await anyio.sleep(0.01)
+            await scope.__aexit__(None, None, None)
+        assert factory.closed
+    async with factory, factory.session(alice) as session:
+        assert await session.scalar(select(func.count()).select_from(Note)) == 2
+
+
+async def test_a_factory_nobody_started_starts_on_first_use(tmp_path, alice, caplog) -> None:
+    # Forgetting `async with factory` must not mean sessions without a leak detector.
+    factory = IsolatedSessionFactory(
+        f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}", max_session_lifetime=0.05
+    )
+    with caplog.at_level(logging.INFO, logger="reqscope"):
+        scope = factory.session(alice)
+        await scope.__aenter__()
+    assert "started on first use" in caplog.text
+    with anyio.fail_after(5):
+        while factory.metrics().leaks_detected == 0:
+            await anyio.sleep(0.01)
+    await scope.__aexit__(None, None, None)
+    await factory.aclose()
+
+
+async def test_the_embedded_database_directory_is_removed_when_nobody_closes_it() -> None:
+    factory = IsolatedSessionFactory()
+    tempdir = factory._tempdir
+    assert tempdir is not None
+    assert tempdir.exists()
+    await factory.engine.dispose()
+    del factory
+    gc.collect()
+    assert not tempdir.exists()
+
+
+async def test_a_factory_may_close_in_another_task_than_it_started(database, alice) -> None:
+    factory = IsolatedSessionFactory(database.url)
+    await asyncio.get_running_loop().create_task(factory.start())
+    async with factory.session(alice) as session:
+        await session.execute(text("SELECT 1"))
+    await asyncio.get_running_loop().create_task(factory.aclose())
+    assert factory.closed
+
+
+async def test_unusable_binds_are_refused_at_construction(database) -> None:
+    engine = create_async_engine(database.url)
+    try:
+        with pytest.raises(ReqscopeError, match="first argument"):
+            IsolatedSessionFactory(engine, session_kwargs={"bind": engine})
+        async with engine.connect() as conn:
+            with pytest.raises(ReqscopeError, match="not an AsyncConnection"):
+                IsolatedSessionFactory(conn)  # type: ignore[arg-type]
+        with pytest.raises(ReqscopeError, match="create_async_engine"):
+            IsolatedSessionFactory(engine.sync_engine)  # type: ignore[arg-type]
+    finally:
+        await engine.dispose()
 
 
 async def test_aclose_invalidates_sessions_still_open(database, alice) -> None:

@@ -279,8 +279,8 @@ class SessionScope(Entry):
                 "factory.session() again for a new one"
             )
         factory = self.owner
-        if factory._state == "closed":  # noqa: SLF001
-            factory._check_open()  # noqa: SLF001 - raises the error that says what to do
+        if factory._state != "started":  # noqa: SLF001
+            await factory._start_on_first_use()  # noqa: SLF001 - or the error for a closed one
         ctx = self.ctx
         if ctx is None:  # not given: the current one
             ctx = self.ctx = current_context()  # type: ignore[unreachable]

@@ -8,6 +8,7 @@ detector, the circuit breaker and the observation API. One request's scope
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import shutil
@@ -18,9 +19,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
+import sqlalchemy as sa
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.util import greenlet_spawn
 from typing_extensions import Self
 
@@ -61,7 +63,7 @@ from reqscope.tenancy import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from sqlalchemy.engine import Connection
 
@@ -78,6 +80,32 @@ __all__ = [
 logger = logging.getLogger("reqscope")
 
 DEFAULT_CLEANUP_TIMEOUT: Final = 5.0
+
+
+def _refuse_unusable_bind(bind: object, session_kwargs: Mapping[str, Any] | None) -> None:
+    """Refuse at construction what would otherwise fail at the first statement."""
+    for key in ("bind", "binds"):
+        if session_kwargs and key in session_kwargs:
+            raise ReqscopeError(
+                f"session_kwargs[{key!r}] is not supported: the factory binds every session to "
+                "its own engine; pass the engine (or its URL) as the factory's first argument"
+            )
+    if isinstance(bind, AsyncConnection):
+        raise ReqscopeError(
+            "IsolatedSessionFactory takes an AsyncEngine or a URL, not an AsyncConnection: each "
+            "request's session checks out its own connection from the engine's pool; pass "
+            "conn.engine, or the engine you made the connection from"
+        )
+    if not isinstance(bind, (AsyncEngine, str, sa.URL, type(None))):
+        raise ReqscopeError(
+            "IsolatedSessionFactory takes an AsyncEngine, a database URL string or None, not "
+            f"{type(bind).__name__}"
+            + (
+                " (a synchronous Engine: make one with create_async_engine())"
+                if isinstance(bind, sa.engine.Engine)
+                else ""
+            )
+        )
 
 
 class IsolatedSessionFactory:
@@ -137,6 +165,7 @@ class IsolatedSessionFactory:
     ) -> None:
         if max_session_lifetime <= 0:
             raise ValueError(f"max_session_lifetime must be positive, got {max_session_lifetime}")
+        _refuse_unusable_bind(bind, session_kwargs)
         self._tempdir: Path | None = None
         self.owns_engine = not isinstance(bind, AsyncEngine)
         if isinstance(bind, AsyncEngine):
@@ -144,6 +173,8 @@ class IsolatedSessionFactory:
             self.engine = bind
         elif bind is None:
             self._tempdir = Path(tempfile.mkdtemp(prefix="reqscope-"))
+            # removed by aclose(), or when a factory nobody closed is collected or at exit
+            weakref.finalize(self, shutil.rmtree, self._tempdir, ignore_errors=True)
             url = f"sqlite+aiosqlite:///{self._tempdir / 'reqscope.sqlite3'}"
             self.engine = build_engine(url, pool=pool)
         else:
@@ -179,19 +210,24 @@ class IsolatedSessionFactory:
             reclaim_leaks=reclaim_leaks,
         )
         self._state = "new"
-        self._stack: contextlib.AsyncExitStack | None = None
         self._health_engine: AsyncEngine | None = None
         # warnings about how the URL reaches the server; None until health() first asks
         self._transport_warnings: tuple[str, ...] | None = None
         self._control_engine: AsyncEngine | None = None
         # connection -> the reclaimed scope that held it (the leak detector's, see _reclaim)
         self._reclaimed: weakref.WeakKeyDictionary[Connection, Entry] = weakref.WeakKeyDictionary()
-        event.listen(self.engine.sync_engine, "handle_error", _on_handle_error)
-        event.listen(self.engine.sync_engine, "handle_error", self._reclaimed_statement)
-        event.listen(self.engine.sync_engine, "do_connect", self._connect)
+        self._detector: asyncio.Task[None] | None = None
+        self._listen(event.listen)
+
+    def _listen(self, how: Callable[..., None]) -> None:
+        """Add (``event.listen``) or remove (``event.remove``) the factory's engine hooks."""
+        engine = self.engine.sync_engine
+        how(engine, "handle_error", _on_handle_error)
+        how(engine, "handle_error", self._reclaimed_statement)
+        how(engine, "do_connect", self._connect)
         if self.engine.dialect.name == "postgresql":
-            event.listen(self.engine.sync_engine, "connect", _remember_backend_pid)
-            event.listen(self.engine.sync_engine, "handle_error", self._stop_cancelled_statement)
+            how(engine, "connect", _remember_backend_pid)
+            how(engine, "handle_error", self._stop_cancelled_statement)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -199,33 +235,53 @@ class IsolatedSessionFactory:
         """Start the background leak detector (``async with factory`` calls this).
 
         With a tenant policy on PostgreSQL, :meth:`check_tenancy` runs first and a role
-        that would bypass row-level security is refused. Call :meth:`aclose` from the same
-        task (as ``async with`` and ASGI lifespans do): the detector lives in a task group.
+        that would bypass row-level security is refused. A factory that was never started
+        starts itself when its first session opens (and logs that it did); a closed one
+        starts again only through this method (an app's lifespan entered once per test).
         """
-        self._check_open()
         if self._state == "started":
             return
+        if self._state == "closed":
+            self._reopen()
         if self.tenant is not None and self.tenant.rls and self.engine.dialect.name == "postgresql":
             await self.check_tenancy()
-        stack = contextlib.AsyncExitStack()
         if self.leak_check_interval > 0:
-            group = await stack.enter_async_context(anyio.create_task_group())
-            group.start_soon(self.leak_detector.run, self.leak_check_interval)
-            stack.callback(group.cancel_scope.cancel)
-        self._stack = stack
+            # A plain task, not a task group: aclose() may run in another task than start()
+            # (a lifespan, a fixture), and a factory started on first use has no block.
+            self._detector = asyncio.get_running_loop().create_task(
+                self.leak_detector.run(self.leak_check_interval),
+                name="reqscope leak detector",
+            )
         self._state = "started"
+
+    async def _start_on_first_use(self) -> None:
+        """Start a factory nobody started: its sessions are policed like any others."""
+        self._check_open()
+        logger.info(
+            "reqscope: IsolatedSessionFactory started on first use; close it with "
+            "`await factory.aclose()` (or use `async with factory:` / your app's lifespan)",
+        )
+        await self.start()
+
+    def _reopen(self) -> None:
+        self._listen(event.listen)
+        if self._tempdir is not None:  # the embedded database starts empty again
+            self._tempdir.mkdir(parents=True, exist_ok=True)
 
     async def aclose(self) -> None:
         """Stop the detector, invalidate sessions still open, dispose an engine it built.
 
-        Idempotent. A closed factory refuses new sessions.
+        Idempotent. A closed factory refuses new sessions until :meth:`start` (or
+        ``async with factory``) starts it again.
         """
         if self._state == "closed":
             return
         self._state = "closed"
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            await stack.aclose()
+        detector, self._detector = self._detector, None
+        if detector is not None:
+            detector.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([detector])
         for entry in list(self._registry.entries()):
             logger.warning(
                 "reqscope: factory closing with session %s still open; invalidating it",
@@ -238,14 +294,8 @@ class IsolatedSessionFactory:
             for extra in (self._health_engine, self._control_engine):
                 if extra is not None:
                     await self._dispose(extra)
-            event.remove(self.engine.sync_engine, "handle_error", _on_handle_error)
-            event.remove(self.engine.sync_engine, "handle_error", self._reclaimed_statement)
-            event.remove(self.engine.sync_engine, "do_connect", self._connect)
-            if self.engine.dialect.name == "postgresql":
-                event.remove(
-                    self.engine.sync_engine, "handle_error", self._stop_cancelled_statement
-                )
-                event.remove(self.engine.sync_engine, "connect", _remember_backend_pid)
+            self._health_engine = self._control_engine = None
+            self._listen(event.remove)
             if self.owns_engine:
                 await self._dispose(self.engine)
         if self._tempdir is not None:
@@ -284,8 +334,9 @@ class IsolatedSessionFactory:
     def _check_open(self) -> None:
         if self._state == "closed":
             raise ReqscopeError(
-                "this IsolatedSessionFactory is closed; create a new factory (or keep the "
-                "one your app's lifespan owns open until shutdown)"
+                "this IsolatedSessionFactory is closed; start it again with `async with "
+                "factory:` (or `await factory.start()`), or keep the one your app's lifespan "
+                "owns open until shutdown"
             )
 
     # -- scopes ----------------------------------------------------------------------------
