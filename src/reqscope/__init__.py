@@ -52,12 +52,14 @@ from reqscope.exceptions import (
     DatabaseUnavailableError,
     IsolationViolation,
     NoActiveContextError,
+    NotAuthenticated,
     PoolExhaustedError,
     ReqscopeError,
     RequestTimeoutError,
     SessionReclaimedError,
     SessionScopeError,
     TenancyConfigurationError,
+    UserResolverError,
 )
 from reqscope.tenancy import TenancyReport, TenantPolicy, TenantScoped
 
@@ -88,6 +90,7 @@ __all__ = [
     "LeakDetector",
     "LeakReport",
     "NoActiveContextError",
+    "NotAuthenticated",
     "PoolConfig",
     "PoolExhaustedError",
     "PoolStats",
@@ -107,6 +110,7 @@ __all__ = [
     "TenantScoped",
     "UserEventEmitter",
     "UserExecutionContext",
+    "UserResolverError",
     "__version__",
     "build_engine",
     "configure",

@@ -154,6 +154,13 @@ class CircuitBreaker:
         return self._state
 
     @property
+    def retry_after(self) -> float:
+        """Seconds until an open circuit lets a probe through (0.0 unless it is open)."""
+        if self.state is not CircuitState.OPEN:
+            return 0.0
+        return max(0.0, self.recovery_timeout - (self._clock() - self._opened_at))
+
+    @property
     def consecutive_failures(self) -> int:
         """Connection failures since the last success."""
         return self._failures
@@ -170,8 +177,7 @@ class CircuitBreaker:
         if state is CircuitState.HALF_OPEN and not self._probing:
             self._probing = True
             return True
-        retry_after = max(0.0, self.recovery_timeout - (self._clock() - self._opened_at))
-        raise CircuitOpenError(retry_after=retry_after if state is CircuitState.OPEN else 0.1)
+        raise CircuitOpenError(retry_after=self.retry_after if state is CircuitState.OPEN else 0.1)
 
     def record_success(self) -> None:
         """Note that the database answered; closes a half-open circuit."""

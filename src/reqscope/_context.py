@@ -599,6 +599,33 @@ def log_fields(ctx: UserExecutionContext) -> dict[str, str]:
     }
 
 
+def identified(ctx: UserExecutionContext, user_id: str) -> UserExecutionContext:
+    """``ctx`` as the same request (ids, lineage) acting for ``user_id`` from now on.
+
+    For a request whose user is known only after it started (its authentication dependency
+    ran): the audit trail records the change.
+
+    Raises:
+        ContextValidationError: ``user_id`` is not a valid id.
+    """
+    user_id = validate_id("user_id", user_id)
+    now = _utcnow()
+    return ctx._trusted(  # noqa: SLF001 - the same module
+        user_id,
+        ctx.thread_id,
+        ctx.run_id,
+        ctx.request_id,
+        ctx.websocket_client_id,
+        ctx.parent_request_id,
+        ctx.root_request_id,
+        ctx.operation_depth,
+        ctx.created_at,
+        ctx.metadata,
+        ctx._audited("identified", f"was {ctx.user_id}", now),  # noqa: SLF001
+        ctx._lineage,  # noqa: SLF001
+    )
+
+
 def same_request(ctx: UserExecutionContext, other: UserExecutionContext) -> bool:
     """Whether ``other`` belongs to the same request as ``ctx`` (the same lineage).
 

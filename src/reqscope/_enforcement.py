@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ReqscopeSession",
+    "hand_over",
     "mark_session_as_global",
     "reclaimed_error",
     "session_tags",
@@ -383,3 +384,38 @@ def mark_session_as_global(session: AsyncSession | Session) -> None:
     entry = _entry_of(session)
     if entry is not None and entry.state is EntryState.ACTIVE:  # an ended one stays refused
         entry.state = EntryState.GLOBAL
+
+
+async def hand_over(session: AsyncSession, ctx: UserExecutionContext) -> None:
+    """Make ``ctx`` the owner of ``session``, opened for the same request before its user was known.
+
+    The tags, the logs, the tenant filter and (inside an open transaction) the row-level
+    security setting follow the new owner from the next statement on.
+
+    Raises:
+        SessionScopeError: ``session`` is not a live factory-made session.
+        IsolationViolation: ``ctx`` is not of the request that opened ``session``.
+    """
+    validate_session_is_request_scoped(session, "hand_over")
+    entry = _entry_of(session)
+    assert entry is not None  # noqa: S101 - validated above
+    if not same_request(entry.ctx, ctx):
+        raise IsolationViolation(
+            f"session {entry.session_id} of request {entry.ctx.request_id} cannot be handed "
+            f"to request {ctx.request_id}: a session changes owner only within its request"
+        )
+    entry.ctx = ctx
+    if "info" in session.sync_session.__dict__:  # the tags were already read: keep them true
+        session.info.update(entry.log_fields())
+    if entry.tenant is None:
+        return
+    policy = entry.tenant[0]
+    tenant = entry.tenant = (policy, ctx.user_id)
+    connection = entry.connection
+    if (
+        policy.rls
+        and session.in_transaction()
+        and connection is not None
+        and connection.dialect.name == "postgresql"
+    ):
+        await session.run_sync(lambda sync: set_tenant_setting(sync.connection(), *tenant))

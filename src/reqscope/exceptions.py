@@ -17,7 +17,9 @@ the builtin a caller would naturally catch where there is one::
     ├── AgentNotRegisteredError(KeyError)
     ├── AgentCreationError
     ├── RequestTimeoutError(TimeoutError)
-    └── TenancyConfigurationError
+    ├── TenancyConfigurationError
+    ├── NotAuthenticated
+    └── UserResolverError
 
 Every message says what went wrong and what to do about it.
 """
@@ -39,12 +41,14 @@ __all__ = [
     "DatabaseUnavailableError",
     "IsolationViolation",
     "NoActiveContextError",
+    "NotAuthenticated",
     "PoolExhaustedError",
     "ReqscopeError",
     "RequestTimeoutError",
     "SessionReclaimedError",
     "SessionScopeError",
     "TenancyConfigurationError",
+    "UserResolverError",
 ]
 
 
@@ -151,3 +155,14 @@ class RequestTimeoutError(ReqscopeError, TimeoutError):
 
 class TenancyConfigurationError(ReqscopeError):
     """Raised by ``IsolatedSessionFactory.check_tenancy()`` when RLS would be bypassed."""
+
+
+class UserResolverError(ReqscopeError):
+    """Raised when a user resolver or user dependency fails or returns no valid user id.
+
+    A bug in the app, not the client's fault: the ASGI adapters log it and answer 500.
+    """
+
+
+class NotAuthenticated(ReqscopeError):  # noqa: N818 - reads as the condition it is
+    """Raised when a request that needs a user has none (the ASGI adapters answer 401)."""

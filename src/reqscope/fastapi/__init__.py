@@ -2,14 +2,15 @@
 
 Example:
     >>> app = FastAPI()
-    >>> setup(app, factory, user_resolver=from_state("user_id"))
-    >>> @app.get("/notes")
-    ... async def notes(db: RequestScopedDbDep, ctx: RequestScopedContextDep): ...
+    >>> setup(app, factory)
+    >>> CurrentUser = Annotated[User, authenticated(get_current_user, user_id=user_name)]
+    >>> @app.post("/notes")
+    ... async def add(user: CurrentUser, db: CommitOnSuccessDbDep): ...
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -17,6 +18,7 @@ try:
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import JSONResponse
     from fastapi.routing import APIRouter
+    from starlette.requests import HTTPConnection
 except ImportError as exc:  # pragma: no cover - exercised by the import test
     raise ImportError("reqscope.fastapi needs FastAPI: pip install 'reqscope[fastapi]'") from exc
 
@@ -24,8 +26,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from reqscope._agents import AgentScope
 from reqscope._context import UserExecutionContext
-from reqscope._requests import UserResolver, from_header, from_state
-from reqscope.starlette import ReqscopeMiddleware, get_context, get_resources
+from reqscope._requests import UserResolver, checked_user_id, from_header, from_state
+from reqscope.starlette import ReqscopeMiddleware, get_resources
 
 if TYPE_CHECKING:
     from reqscope._agents import AgentInstanceFactory
@@ -33,14 +35,17 @@ if TYPE_CHECKING:
     from reqscope._sessions import IsolatedSessionFactory
 
 __all__ = [
+    "CommitOnSuccessDbDep",
     "RequestScopedAgentsDep",
     "RequestScopedContextDep",
     "RequestScopedDbDep",
     "UserScopedDbDep",
     "agent",
+    "authenticated",
     "from_header",
     "from_state",
     "monitoring_router",
+    "session_lifetime",
     "setup",
 ]
 
@@ -57,10 +62,15 @@ def setup(
 ) -> None:
     """Install reqscope on ``app``: the context middleware and the factory's lifecycle.
 
-    The app's lifespan is wrapped so the factory starts with the app and closes after it.
-    Requests without a user get 401 unless ``allow_anonymous`` or their path starts with
-    one of ``public_paths``. Add your authentication middleware *after* calling ``setup()``:
-    Starlette runs the last-added middleware first, and ``from_state`` reads what it set.
+    The app's lifespan is wrapped so the factory starts with each lifespan and closes after
+    it (a test suite may enter it once per test). The user comes from your authentication
+    dependency wrapped in :func:`authenticated`, or from ``user_resolver`` (default:
+    ``request.state.user_id``, set by a middleware, in either order). A request that uses
+    reqscope without a user gets 401, unless ``allow_anonymous`` or its route is in
+    ``public_paths`` (``"/health"``, ``"GET /articles"``); it then acts as an anonymous user
+    of its own. A database that is down, an open circuit or an exhausted pool answers 503
+    with ``Retry-After``; register your own exception handler for those errors (or for
+    ``NotAuthenticated``) to answer differently.
     """
     app.add_middleware(
         ReqscopeMiddleware,
@@ -83,36 +93,92 @@ def setup(
     app.router.lifespan_context = lifespan
 
 
-async def _context(request: Request) -> UserExecutionContext:
-    return get_context(request)
+def authenticated(
+    dependency: Callable[..., Any], *, user_id: Callable[[Any], str] | None = None
+) -> Any:
+    """Your authentication dependency, made the source of the request's user.
+
+    ``dependency`` is any FastAPI dependency (sync or async, with its own sub-dependencies,
+    the request's session included). What it returns is passed on unchanged; its user id
+    (``user_id(result)``, or the result itself) becomes the request's user: the context, the
+    session opened before it (the one authentication used), everything after it. Overriding
+    ``dependency`` in tests (``app.dependency_overrides``) still identifies the request.
+
+    Example:
+        >>> def user_name(user: User) -> str:
+        ...     return user.username
+        >>> CurrentUser = Annotated[User, authenticated(get_current_user, user_id=user_name)]
+        >>> @app.get("/me")
+        ... async def me(user: CurrentUser, db: RequestScopedDbDep): ...
+
+    Raises:
+        UserResolverError: the dependency gave no valid user id (a bug: answered 500).
+        IsolationViolation: the request already acts for another user.
+    """
+
+    async def identify(
+        connection: HTTPConnection, result: Annotated[Any, Depends(dependency)]
+    ) -> Any:
+        value = result if user_id is None else user_id(result)
+        name = getattr(dependency, "__name__", "the user dependency")
+        await get_resources(connection).identify(checked_user_id(value, name))
+        return result
+
+    identify.__name__ = f"authenticated_{getattr(dependency, '__name__', 'user')}"
+    return Depends(identify)
+
+
+def session_lifetime(seconds: float) -> Any:
+    """A route dependency giving the request's session ``seconds`` before it counts as leaked.
+
+    For streaming responses that run for minutes; put it in the route's ``dependencies=``
+    so it runs before anything opens the session.
+
+    Example:
+        >>> @app.get("/stream", dependencies=[session_lifetime(600)])
+        ... async def stream(db: RequestScopedDbDep): ...
+    """
+
+    def set_lifetime(connection: HTTPConnection) -> None:
+        get_resources(connection).set_lifetime(seconds)
+
+    return Depends(set_lifetime)
+
+
+async def _context(connection: HTTPConnection) -> UserExecutionContext:
+    return await get_resources(connection).require_context()
 
 
 async def _request_db(request: Request) -> AsyncSession:
     return await get_resources(request).session()
 
 
-async def _user_db(request: Request) -> AsyncIterator[AsyncSession]:
+async def _commit_db(request: Request) -> AsyncSession:
     resources = get_resources(request)
-    if resources.factory is None:  # pragma: no cover - setup() always sets one
-        raise RuntimeError("no IsolatedSessionFactory configured")
-    async with resources.factory.begin(resources.context.child("dependency")) as session:
-        yield session
+    resources.commit_on_success = True
+    return await resources.session()
 
 
-async def _agents(request: Request) -> AgentScope:
-    return await get_resources(request).agents()
+async def _agents(connection: HTTPConnection) -> AgentScope:
+    return await get_resources(connection).agents()
 
 
 RequestScopedContextDep = Annotated[UserExecutionContext, Depends(_context)]
-"""The request's :class:`~reqscope.UserExecutionContext`."""
+"""The request's :class:`~reqscope.UserExecutionContext` (401 without a user, unless public)."""
 
 RequestScopedDbDep = Annotated[AsyncSession, Depends(_request_db)]
-"""The request's one session: shared by every dependency of the request, open until the
-response is finished (streaming bodies included), rolled back unless committed."""
+"""The request's one session, **you commit**: shared by every dependency of the request,
+open until the response is finished (streaming bodies included), rolled back unless you
+call ``await session.commit()``."""
 
-UserScopedDbDep = Annotated[AsyncSession, Depends(_user_db)]
-"""A session of its own for this dependency, in a child context of the request's; it
-commits when the dependency exits without error (``factory.begin``)."""
+CommitOnSuccessDbDep = Annotated[AsyncSession, Depends(_commit_db)]
+"""The request's one session, **committed on success**: committed before the response
+starts when its status is below 400, so a commit that fails is the client's 5xx (and what a
+streamed body wrote, before its last chunk); rolled back otherwise. The ``get_db`` that
+commits after ``yield``, done so that no write is lost."""
+
+UserScopedDbDep = CommitOnSuccessDbDep
+"""Deprecated name of :data:`CommitOnSuccessDbDep`."""
 
 RequestScopedAgentsDep = Annotated[AgentScope, Depends(_agents)]
 """The request's :class:`~reqscope.AgentScope`; its agents are cleaned up with the request."""
@@ -125,19 +191,25 @@ def agent(name: str) -> Any:
         >>> async def chat(triage: Annotated[Triage, agent("triage")]): ...
     """
 
-    async def create(request: Request) -> Any:
-        return (await get_resources(request).agents()).create(name)
+    async def create(connection: HTTPConnection) -> Any:
+        return (await get_resources(connection).agents()).create(name)
 
     create.__name__ = f"agent_{name}"
     return Depends(create)
 
 
-def monitoring_router(factory: IsolatedSessionFactory, *, prefix: str = "/reqscope") -> APIRouter:
+def monitoring_router(
+    factory: IsolatedSessionFactory,
+    *,
+    prefix: str = "/reqscope",
+    dependencies: Sequence[Any] = (),
+) -> APIRouter:
     """``GET {prefix}/health`` (200, or 503 when down), ``/pool`` and ``/sessions``.
 
-    Mount it behind your operators' authentication: ``/sessions`` lists user ids.
+    ``/sessions`` lists user and request ids: pass your operators' check as
+    ``dependencies=[Depends(require_operator)]`` (or mount it on an internal app).
     """
-    router = APIRouter(prefix=prefix, tags=["reqscope"])
+    router = APIRouter(prefix=prefix, tags=["reqscope"], dependencies=list(dependencies))
 
     @router.get("/health")
     async def health() -> JSONResponse:

@@ -8,6 +8,7 @@ after the response's last body chunk.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -20,18 +21,19 @@ except ImportError as exc:  # pragma: no cover - exercised by the import test
         "reqscope.starlette needs Starlette: pip install 'reqscope[starlette]'"
     ) from exc
 
-from reqscope._context import UserExecutionContext, use_context
+from reqscope._context import UserExecutionContext, log_fields, use_context
 from reqscope._requests import (
     REQUEST_ID_HEADER,
     NotAuthenticated,
+    PublicRoutes,
     RequestResources,
     UserResolver,
+    error_response,
     from_header,
     from_state,
-    request_context,
-    resolve_user,
+    from_user,
 )
-from reqscope.exceptions import ReqscopeError
+from reqscope.exceptions import ReqscopeError, UserResolverError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
     from reqscope._agents import AgentInstanceFactory
     from reqscope._events import EventHub
+    from reqscope._requests import ErrorResponse
     from reqscope._scope import SessionScope
     from reqscope._sessions import IsolatedSessionFactory
 
@@ -46,6 +49,7 @@ __all__ = [
     "ReqscopeMiddleware",
     "from_header",
     "from_state",
+    "from_user",
     "get_context",
     "get_resources",
     "lifespan",
@@ -53,12 +57,21 @@ __all__ = [
     "request_session",
 ]
 
+logger = logging.getLogger("reqscope")
+
 STATE_KEY = "reqscope"
 WS_POLICY_VIOLATION = 1008
+WS_INTERNAL_ERROR = 1011
+WS_TRY_AGAIN_LATER = 1013
 
 
 class ReqscopeMiddleware:
     """Give every HTTP request and WebSocket connection its own context and resources.
+
+    The user is asked of ``user_resolver`` when the request arrives and, if it finds none
+    then (an authentication middleware that runs inside this one), again when the request
+    first needs its user; so the order of the two middlewares does not matter. Until a user
+    is known the request acts as an anonymous user of its own.
 
     Args:
         app: the ASGI app to wrap.
@@ -66,10 +79,12 @@ class ReqscopeMiddleware:
         agents: the agent factory behind the request's agent scope.
         hub: the event hub WebSocket handlers connect to.
         user_resolver: ``from_state("user_id")`` by default; any sync or async callable
-            taking the Starlette ``HTTPConnection``.
-        allow_anonymous: serve requests without a user as ``"anonymous"`` instead of 401.
-        public_paths: path prefixes served anonymously when no user resolves (health
-            probes: ``("/reqscope/health",)``).
+            taking the Starlette ``HTTPConnection`` and returning the user id or ``None``
+            (``from_user()`` reads Starlette's ``AuthenticationMiddleware``).
+        allow_anonymous: serve requests without a user, each as an anonymous user of its
+            own, instead of 401.
+        public_paths: routes served without a user: ``"/health"`` (every method) or
+            ``"GET /articles"`` (that method only); a path covers what lies below it.
     """
 
     def __init__(
@@ -84,7 +99,7 @@ class ReqscopeMiddleware:
         public_paths: Sequence[str] = (),
     ) -> None:
         self.app = app
-        self.public_paths = tuple(public_paths)
+        self.public = PublicRoutes.parse(public_paths)
         self.factory = factory
         self.agents = agents
         self.hub = hub
@@ -99,48 +114,114 @@ class ReqscopeMiddleware:
         connection = HTTPConnection(scope)
         websocket = scope["type"] == "websocket"
         path: str = scope.get("path", "")
+        method: str = scope.get("method", "WEBSOCKET")
         try:
-            ctx = request_context(
-                await resolve_user(self.user_resolver, connection),
-                allow_anonymous=self.allow_anonymous or path.startswith(self.public_paths),
+            resources = await RequestResources.start(
+                connection,
+                self.factory,
+                resolver=self.user_resolver,
+                public=self.allow_anonymous or self.public(method, path),
                 request_id=connection.headers.get(REQUEST_ID_HEADER),
                 websocket=websocket,
-                metadata={"path": path, "method": scope.get("method", "WS")},
+                metadata={"path": path, "method": method},
+                agents=self.agents,
+                hub=self.hub,
             )
-        except (NotAuthenticated, ReqscopeError) as refusal:
-            await self._refuse(scope, receive, send, refusal, websocket=websocket)
+        except ReqscopeError as refusal:
+            if isinstance(refusal, UserResolverError):
+                logger.exception("reqscope: %s", refusal)  # noqa: TRY401 - it says what to fix
+            await self._answer(scope, receive, send, refusal)
             return
-        resources = RequestResources(ctx, self.factory, agents=self.agents, hub=self.hub)
         scope.setdefault("state", {})[STATE_KEY] = resources
-
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", ctx.request_id.encode("latin-1")))
-                message = {**message, "headers": headers}
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                await resources.aclose()  # the response is complete: nothing may use them now
-
-        with use_context(ctx):
+        response = _Response(self, resources, scope, receive, send)
+        with use_context(resources.context):
             error: BaseException | None = None
             try:
-                await self.app(scope, receive, send_wrapper)
+                await self.app(scope, receive, response.send)
+            except Exception as exc:
+                error = exc
+                if isinstance(exc, UserResolverError):
+                    logger.exception(
+                        "reqscope: %s",
+                        exc,  # noqa: TRY401 - the message says what to fix
+                        extra=log_fields(resources.context),
+                    )
+                if response.started or error_response(exc, self.factory) is None:
+                    raise
+                await resources.aclose(exc)
+                await self._answer(scope, receive, send, exc)
             except BaseException as exc:
                 error = exc
                 raise
             finally:
                 await resources.aclose(error)
 
-    async def _refuse(
-        self, scope: Scope, receive: Receive, send: Send, error: Exception, *, websocket: bool
-    ) -> None:
-        if websocket:
-            await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION})
+    async def _answer(self, scope: Scope, receive: Receive, send: Send, error: Exception) -> None:
+        """Answer ``error`` (one of reqscope's) for a response that has not started."""
+        answer: ErrorResponse | None = error_response(error, self.factory)
+        if scope["type"] == "websocket":
+            code = WS_INTERNAL_ERROR
+            if answer is not None:
+                code = WS_POLICY_VIOLATION if answer.status == 401 else WS_TRY_AGAIN_LATER  # noqa: PLR2004
+            await send({"type": "websocket.close", "code": code})
             return
-        status = 401 if isinstance(error, NotAuthenticated) else 400
-        response = JSONResponse({"detail": str(error)}, status_code=status)
+        if answer is None:  # a bug in the app's resolver: nothing for the client to fix
+            response = JSONResponse({"detail": "Internal Server Error"}, status_code=500)
+        else:
+            response = JSONResponse(
+                {"detail": answer.detail}, status_code=answer.status, headers=dict(answer.headers)
+            )
         await response(scope, receive, send)
+
+
+class _Response:
+    """The request's ``send``: settles the database work as the response starts and ends."""
+
+    __slots__ = ("middleware", "receive", "replaced", "resources", "scope", "started", "upstream")
+
+    def __init__(
+        self,
+        middleware: ReqscopeMiddleware,
+        resources: RequestResources,
+        scope: Scope,
+        receive: Receive,
+        upstream: Send,
+    ) -> None:
+        self.middleware = middleware
+        self.resources = resources
+        self.scope = scope
+        self.receive = receive
+        self.upstream = upstream
+        self.started = False
+        self.replaced = False  # the app's own answer was replaced by a refusal
+
+    async def send(self, message: Message) -> None:
+        if self.replaced:
+            return
+        kind = message["type"]
+        resources = self.resources
+        if kind == "http.response.start":
+            refused = await resources.response_starting(message["status"])
+            self.started = True
+            if refused is not None:
+                self.replaced = True
+                await self.middleware._answer(  # noqa: SLF001 - its own helper
+                    self.scope, self.receive, self.upstream, NotAuthenticated("no user")
+                )
+                return
+            headers = list(message.get("headers", []))
+            headers.append((b"x-request-id", resources.context.request_id.encode("latin-1")))
+            message = {**message, "headers": headers}
+        elif kind == "websocket.accept":
+            # A connection that would have no user is refused at the handshake instead.
+            await resources.require_context()
+            self.started = True
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            await resources.response_ending()  # a failed commit cuts the last chunk off
+            await self.upstream(message)
+            await resources.aclose()  # the response is complete: nothing may use them now
+            return
+        await self.upstream(message)
 
 
 def get_resources(connection: HTTPConnection) -> RequestResources:
@@ -155,31 +236,54 @@ def get_resources(connection: HTTPConnection) -> RequestResources:
 
 
 def get_context(connection: HTTPConnection) -> UserExecutionContext:
-    """The context of this request or WebSocket connection."""
-    return get_resources(connection).context
+    """The context of this request or WebSocket connection.
+
+    Raises:
+        NotAuthenticated: the request has no user and its route is not public.
+    """
+    return get_resources(connection).require_context_now()
 
 
 @asynccontextmanager
-async def request_session(request: HTTPConnection) -> AsyncIterator[AsyncSession]:
+async def request_session(
+    request: HTTPConnection, *, commit: bool = False, max_lifetime: float | None = None
+) -> AsyncIterator[AsyncSession]:
     """Yield the request's one session, for an ``async with`` block.
 
     It stays open until the response is finished (so a streaming body can read from it) and
-    is rolled back then unless committed. Not for WebSockets: use :func:`message_session`.
+    is rolled back then unless committed.
+
+    Args:
+        request: the request.
+        commit: commit-on-success: commit the session before the response starts when its
+            status is below 400 (a failed commit is then the client's 5xx), and what a
+            streamed body wrote before its last chunk. Without it, you commit.
+        max_lifetime: seconds the session may stay open before it counts as leaked (a long
+            stream); set it before anything opened the session.
+
+    Not for WebSockets: use :func:`message_session`.
     """
     if request.scope["type"] == "websocket":
         raise ReqscopeError(
             "request_session() would hold one session for a WebSocket's whole life; use "
             "message_session(websocket) for each message instead"
         )
-    yield await get_resources(request).session()
+    resources = get_resources(request)
+    if max_lifetime is not None:
+        resources.set_lifetime(max_lifetime)
+    resources.commit_on_success = resources.commit_on_success or commit
+    yield await resources.session()
 
 
 def message_session(websocket: HTTPConnection, operation: str = "ws_message") -> SessionScope:
-    """A short session for one WebSocket message, in a child context of the connection's."""
+    """A short session for one WebSocket message, in a child context of the connection's.
+
+    It rolls back unless you commit, as every reqscope session does.
+    """
     resources = get_resources(websocket)
     if resources.factory is None:
         raise ReqscopeError("no IsolatedSessionFactory is configured for this app")
-    return resources.factory.session(resources.context.child(operation))
+    return resources.factory.session(resources.require_context_now().child(operation))
 
 
 def lifespan(

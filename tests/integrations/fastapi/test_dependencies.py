@@ -65,7 +65,7 @@ async def test_dependencies_and_state_resolver(factory) -> None:
         return {
             "user": ctx.user_id,
             "same_request": shared.request_id == ctx.request_id,
-            "own_is_child": own.request_id != ctx.request_id and own.user_id == ctx.user_id,
+            "commit_db_is_the_request_session": own_db is request_db and own == shared,
             "probe_user": probe.context.user_id,
         }
 
@@ -76,7 +76,7 @@ async def test_dependencies_and_state_resolver(factory) -> None:
     assert response.json() == {
         "user": "alice",
         "same_request": True,
-        "own_is_child": True,
+        "commit_db_is_the_request_session": True,
         "probe_user": "alice",
     }
     assert Probe.closed == 1  # the agent was cleaned up with the request
@@ -95,7 +95,11 @@ async def test_async_resolver_and_anonymous(factory) -> None:
 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         assert (await c.get("/?user=bob")).json() == "bob"
-        assert (await c.get("/")).json() == "anonymous"
+        first, second = (await c.get("/")).json(), (await c.get("/")).json()
+    # every anonymous request is an anonymous user of its own
+    assert first.startswith("anonymous:")
+    assert second.startswith("anonymous:")
+    assert first != second
 
 
 async def test_health_is_503_when_the_database_is_down(tmp_path) -> None:

@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from example_loader import load_example
-from reqscope import ReqscopeError, current_context
+from reqscope import ReqscopeError, UserExecutionContext, current_context
 from reqscope.starlette import ReqscopeMiddleware, get_context, message_session, request_session
 
 _example = load_example("starlette_app/app.py", "example_starlette_app")
@@ -63,7 +63,7 @@ async def test_middleware_sets_the_context_and_guards_misuse() -> None:
     transport = httpx.ASGITransport(app=wrapped)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         assert (await client.get("/")).status_code == 200
-    assert seen["ctx"].user_id == "anonymous"
+    assert seen["ctx"].user_id.startswith("anonymous:")
     assert seen["current"] is seen["ctx"]
     assert "no IsolatedSessionFactory" in seen["error"]
 
@@ -76,16 +76,14 @@ async def test_middleware_sets_the_context_and_guards_misuse() -> None:
 
 
 async def test_message_session_is_refused_without_factory() -> None:
-    from reqscope._requests import RequestResources, request_context
+    from reqscope._requests import RequestResources
     from reqscope.starlette import STATE_KEY
 
     class FakeWebSocket:
         scope = {"type": "websocket", "state": {}}
 
     ws = FakeWebSocket()
-    ws.scope["state"][STATE_KEY] = RequestResources(
-        request_context("a", allow_anonymous=False), None
-    )
+    ws.scope["state"][STATE_KEY] = RequestResources(UserExecutionContext.create("a"), None)
     with pytest.raises(ReqscopeError, match="no IsolatedSessionFactory"):
         message_session(ws)  # type: ignore[arg-type]
     with pytest.raises(ReqscopeError, match="message_session"):
