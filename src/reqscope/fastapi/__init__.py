@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any
@@ -116,14 +117,21 @@ def authenticated(
         IsolationViolation: the request already acts for another user.
     """
 
-    async def identify(
-        connection: HTTPConnection, result: Annotated[Any, Depends(dependency)]
-    ) -> Any:
+    async def identify(connection: HTTPConnection, result: Any) -> Any:
         value = result if user_id is None else user_id(result)
         name = getattr(dependency, "__name__", "the user dependency")
         await get_resources(connection).identify(checked_user_id(value, name))
         return result
 
+    # Spelled out: this module's annotations are strings, and FastAPI could not resolve
+    # one naming `dependency`, a local.
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    identify.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter("connection", kind, annotation=HTTPConnection),
+            inspect.Parameter("result", kind, annotation=Annotated[Any, Depends(dependency)]),
+        ]
+    )
     identify.__name__ = f"authenticated_{getattr(dependency, '__name__', 'user')}"
     return Depends(identify)
 
