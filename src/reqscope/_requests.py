@@ -307,11 +307,13 @@ class RequestResources:
         """
         if self.identified:
             if user_id != self.context.user_id:
-                raise IsolationViolation(
+                error = IsolationViolation(
                     f"request {self.context.request_id} acts for user "
                     f"{self.context.user_id!r} and cannot become user {user_id!r}: a request "
                     "(and its session) never changes user; authenticate once per request"
                 )
+                logger.error("reqscope: %s", error, extra=log_fields(self.context))
+                raise error
             return self.context
         previous = self.context
         ctx = identified(previous, checked_user_id(user_id, "the user dependency"))
@@ -358,11 +360,7 @@ class RequestResources:
 
     def _require_user(self) -> UserExecutionContext:
         if not self.identified and not self.anonymous_ok:
-            raise NotAuthenticated(
-                "no authenticated user for this request; authenticate first (your "
-                "authentication dependency or middleware found none), or make the route "
-                "public: public_paths=['GET /path'] or allow_anonymous=True"
-            )
+            raise not_authenticated()
         return self.context
 
     async def require_context(self) -> UserExecutionContext:
@@ -460,10 +458,10 @@ class RequestResources:
                 "a user (no authentication dependency or resolver identified it)",
                 extra=log_fields(self.context),
             )
-            await self.aclose(NotAuthenticated("no user"))
+            await self.aclose(not_authenticated())
             return 401
         if self.commit_on_success:
-            await self._session.commit()
+            await _commit(self._session)
         return None
 
     async def response_ending(self) -> None:
@@ -477,7 +475,7 @@ class RequestResources:
             and self.status < 400  # noqa: PLR2004
             and session.in_transaction()
         ):
-            await session.commit()
+            await _commit(session)
 
     async def aclose(self, error: BaseException | None = None) -> None:
         """Close the agent scope, then the session (rolling back what was not committed)."""
@@ -497,6 +495,26 @@ class RequestResources:
                     await self._session_scope.__aexit__(exc_type, error, None)
                 except Exception:
                     logger.exception("reqscope: closing the request session failed")
+
+
+async def _commit(session: AsyncSession) -> None:
+    try:
+        await session.commit()
+    except Exception:
+        # A COMMIT the database refused may leave the connection inside the transaction
+        # (SQLite does, on a deferred constraint): never hand that connection to the next
+        # request, whose rollback-on-return SQLite then ignores.
+        await session.invalidate()
+        raise
+
+
+def not_authenticated() -> NotAuthenticated:
+    """The refusal of a request that needs a user and has none."""
+    return NotAuthenticated(
+        "no authenticated user for this request; authenticate first (your authentication "
+        "dependency or middleware found none), or make the route public: "
+        "public_paths=['GET /path'] or allow_anonymous=True"
+    )
 
 
 def _is_async(resolver: Callable[..., Any]) -> bool:

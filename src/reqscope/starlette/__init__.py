@@ -24,7 +24,6 @@ except ImportError as exc:  # pragma: no cover - exercised by the import test
 from reqscope._context import UserExecutionContext, log_fields, use_context
 from reqscope._requests import (
     REQUEST_ID_HEADER,
-    NotAuthenticated,
     PublicRoutes,
     RequestResources,
     UserResolver,
@@ -32,6 +31,7 @@ from reqscope._requests import (
     from_header,
     from_state,
     from_user,
+    not_authenticated,
 )
 from reqscope.exceptions import ReqscopeError, UserResolverError
 
@@ -206,7 +206,7 @@ class _Response:
             if refused is not None:
                 self.replaced = True
                 await self.middleware._answer(  # noqa: SLF001 - its own helper
-                    self.scope, self.receive, self.upstream, NotAuthenticated("no user")
+                    self.scope, self.receive, self.upstream, not_authenticated()
                 )
                 return
             headers = list(message.get("headers", []))
