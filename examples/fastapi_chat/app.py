@@ -16,7 +16,15 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
-from fastapi import BackgroundTasks, FastAPI, WebSocket, WebSocketDisconnect
+from fastapi import (
+    BackgroundTasks,
+    Depends,
+    FastAPI,
+    HTTPException,
+    WebSocket,
+    WebSocketDisconnect,
+    status,
+)
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import String, select
@@ -108,6 +116,15 @@ def bearer_user(connection: Any) -> str | None:
     return header.removeprefix("Bearer ").strip() or None
 
 
+# Who may see the pool and the live sessions (user ids, request ids): operators only.
+OPERATORS = frozenset(os.environ.get("OPERATORS", "ops").split(","))
+
+
+def require_operator(ctx: RequestScopedContextDep) -> None:
+    if ctx.user_id not in OPERATORS:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "operators only")
+
+
 async def create_tables(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
@@ -138,7 +155,7 @@ def create_app(
         user_resolver=bearer_user,
         public_paths=("/reqscope/health",),
     )
-    app.include_router(monitoring_router(factory))
+    app.include_router(monitoring_router(factory, dependencies=[Depends(require_operator)]))
     app.state.factory, app.state.hub = factory, hub
 
     @app.post("/messages")

@@ -230,16 +230,7 @@ def create_app(database_url: str | None = None, *, secret_key: str | None = None
     app.include_router(articles)
     app.include_router(notes)
     # The health probe is public; the pool and the live sessions (user ids) are operators'.
-    app.include_router(
-        monitoring_router(factory, prefix="/reqscope/ops", dependencies=[Depends(require_operator)])
-    )
-
-    @app.get("/reqscope/health")
-    async def health() -> dict[str, str]:
-        report = await factory.health()
-        if not report.ok:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, report.status)
-        return {"status": report.status}
+    app.include_router(monitoring_router(factory, dependencies=[Depends(require_operator)]))
 
     app.state.factory = factory
     return app

@@ -330,3 +330,30 @@ async def test_check_tenancy_needs_postgres(tmp_path) -> None:
     ) as factory:
         with pytest.raises(TenancyConfigurationError, match="needs PostgreSQL"):
             await factory.check_tenancy()
+
+
+async def test_a_session_opened_before_the_user_is_known_becomes_theirs(rls) -> None:
+    # The tutorial's get_current_user runs a query on the request's session before the
+    # request knows its user: inside that same transaction, row-level security, the ORM
+    # filter and the tags must all switch to the user once the request is identified.
+    from reqscope._requests import RequestResources
+
+    async with IsolatedSessionFactory(as_role(rls, APP), tenant=TenantPolicy()) as factory:
+        await seed(factory, "alice", 2)
+        await seed(factory, "bob", 1)
+        resources = RequestResources(
+            UserExecutionContext.create("anonymous:r1"), factory, identified=False
+        )
+        try:
+            session = await resources.session()
+            raw = text("SELECT count(*) FROM reqscope_tenant_docs")
+            assert await session.scalar(raw) == 0  # the anonymous user owns no rows
+            assert session.in_transaction()
+            await resources.identify("alice")
+            assert await session.scalar(raw) == 2  # same transaction, now alice's rows
+            assert len((await session.scalars(select(Doc))).all()) == 2
+            setting = text("SELECT current_setting('reqscope.user_id', true)")
+            assert await session.scalar(setting) == "alice"
+            assert session.info["user_id"] == "alice"
+        finally:
+            await resources.aclose()

@@ -214,21 +214,23 @@ def monitoring_router(
 ) -> APIRouter:
     """``GET {prefix}/health`` (200, or 503 when down), ``/pool`` and ``/sessions``.
 
-    ``/sessions`` lists user and request ids: pass your operators' check as
-    ``dependencies=[Depends(require_operator)]`` (or mount it on an internal app).
+    ``/pool`` and ``/sessions`` (which lists user and request ids) run ``dependencies``:
+    pass your operators' check, ``dependencies=[Depends(require_operator)]``. ``/health``
+    stays open to probes (list it in ``setup(public_paths=...)``).
     """
-    router = APIRouter(prefix=prefix, tags=["reqscope"], dependencies=list(dependencies))
+    router = APIRouter(prefix=prefix, tags=["reqscope"])
+    guarded = list(dependencies)
 
     @router.get("/health")
     async def health() -> JSONResponse:
         report = await factory.health()
         return JSONResponse(report.to_dict(), status_code=200 if report.ok else 503)
 
-    @router.get("/pool")
+    @router.get("/pool", dependencies=guarded)
     async def pool() -> dict[str, Any]:
         return factory.metrics().to_dict()
 
-    @router.get("/sessions")
+    @router.get("/sessions", dependencies=guarded)
     async def sessions() -> list[dict[str, Any]]:
         return [
             {

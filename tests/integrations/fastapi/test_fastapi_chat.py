@@ -69,6 +69,9 @@ async def test_auth_request_id_and_monitoring(client, database) -> None:
     assert pool.json()["pool"]["capacity"] == (4 if database.name == "sqlite" else 20)
     sessions = await client.get("/reqscope/sessions", headers=auth("ops"))
     assert sessions.json() == []
+    # mallory is logged in, but not an operator: bob's live sessions are not hers to see
+    assert (await client.get("/reqscope/sessions", headers=auth("mallory"))).status_code == 403
+    assert (await client.get("/reqscope/pool", headers=auth("mallory"))).status_code == 403
 
 
 async def test_five_hundred_requests_fifty_users_pool_twenty(client, app) -> None:
