@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import fastapi
@@ -206,7 +207,7 @@ async def main() -> None:
     parser.add_argument("--workload", choices=["select", "insert"], nargs="+")
     args = parser.parse_args()
     url = args.postgres or "postgresql+asyncpg://postgres@127.0.0.1:5432/test?ssl=disable"
-    print("command:", " ".join([os.path.basename(sys.executable), *sys.argv]))
+    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
     print(
         f"python {platform.python_version()}, fastapi {fastapi.__version__}, sqlalchemy "
         f"{sqlalchemy.__version__}, nproc {os.cpu_count()}, database {url.split('@')[-1]}"

@@ -69,6 +69,9 @@ async def test_auth_request_id_and_monitoring(client, database) -> None:
     assert pool.json()["pool"]["capacity"] == (4 if database.name == "sqlite" else 20)
     sessions = await client.get("/reqscope/sessions", headers=auth("ops"))
     assert sessions.json() == []
+    # FastAPI's own pages use nothing of reqscope's: no user needed
+    assert (await client.get("/docs")).status_code == 200
+    assert (await client.get("/openapi.json")).status_code == 200
     # mallory is logged in, but not an operator: bob's live sessions are not hers to see
     assert (await client.get("/reqscope/sessions", headers=auth("mallory"))).status_code == 403
     assert (await client.get("/reqscope/pool", headers=auth("mallory"))).status_code == 403
