@@ -1,10 +1,10 @@
 """Framework-neutral request handling shared by the ASGI adapters.
 
 The adapters only translate between their framework and this module: who the user is
-(resolvers, or the app's own authentication dependency calling :meth:`identify`), which
-routes are public, the request's context, :class:`RequestResources` (the request's lazily
-opened session and agent scope, committed before the response starts when asked, closed
-when the response is finished) and the response an error of reqscope's maps to.
+(resolvers, or the app's own authentication dependency calling :meth:`identify`), the
+request's context and :class:`RequestResources` (the request's lazily opened session and
+agent scope, committed before the response starts when asked, closed when the response is
+finished). :mod:`reqscope._asgi` serves a request with them.
 
 A request's user may be known when it starts (a resolver reading what an outer middleware
 set) or only later: an authentication middleware that runs inside reqscope's, or an
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from reqscope._context import (
@@ -33,12 +31,9 @@ from reqscope._context import (
 )
 from reqscope._enforcement import hand_over
 from reqscope.exceptions import (
-    CircuitOpenError,
     ContextValidationError,
-    DatabaseUnavailableError,
     IsolationViolation,
     NotAuthenticated,
-    PoolExhaustedError,
     ReqscopeError,
     SessionScopeError,
     UserResolverError,
@@ -55,10 +50,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ANONYMOUS",
     "NotAuthenticated",
-    "PublicRoutes",
     "RequestResources",
     "UserResolver",
-    "error_response",
     "from_header",
     "from_state",
     "from_user",
@@ -154,46 +147,6 @@ async def resolve_user(resolver: UserResolver, connection: Any) -> str | None:
     except Exception as exc:
         raise UserResolverError(f"{source} raised {type(exc).__name__}: {exc}") from exc
     return None if result is None else checked_user_id(result, source)
-
-
-@dataclass(frozen=True, slots=True)
-class PublicRoutes:
-    """Which requests may run without a user: ``"/health"`` (any method) or ``"GET /articles"``.
-
-    A path matches its own prefix and what lies below it (``/articles`` matches
-    ``/articles`` and ``/articles/7``, not ``/articles-admin``).
-
-    Raises:
-        ValueError: an entry is not ``"/path"`` or ``"METHOD /path"``.
-    """
-
-    entries: tuple[tuple[str | None, str], ...]
-
-    @classmethod
-    def parse(cls, specs: Sequence[str]) -> PublicRoutes:
-        """Parse ``public_paths`` entries."""
-        if isinstance(specs, str):
-            specs = (specs,)
-        entries: list[tuple[str | None, str]] = []
-        for spec in specs:
-            method, _, path = spec.strip().rpartition(" ")
-            method = method.strip().upper()
-            if not path.startswith("/") or (method and not method.isalpha()):
-                raise ValueError(
-                    f"public path {spec!r} must be a path ('/health') or a method and a path "
-                    "('GET /articles')"
-                )
-            entries.append((method or None, path.rstrip("/") or "/"))
-        return cls(tuple(entries))
-
-    def __call__(self, method: str, path: str) -> bool:
-        """Whether ``method path`` is public."""
-        for allowed, prefix in self.entries:
-            if allowed is not None and allowed != method:
-                continue
-            if prefix in {"/", path} or path.startswith(prefix + "/"):
-                return True
-        return False
 
 
 class RequestResources:
@@ -522,38 +475,3 @@ def _is_async(resolver: Callable[..., Any]) -> bool:
         return True
     method = type(resolver).__dict__.get("__call__")  # a callable object's
     return inspect.iscoroutinefunction(method)
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorResponse:
-    """The HTTP answer to one of reqscope's errors."""
-
-    status: int
-    detail: str
-    headers: Mapping[str, str]
-
-
-def error_response(
-    error: BaseException, factory: IsolatedSessionFactory | None
-) -> ErrorResponse | None:
-    """What to answer for ``error``, or ``None`` when it is not one the adapters answer.
-
-    ``NotAuthenticated`` is 401. A database that is down, a circuit that is open or a pool
-    with no free connection is 503 with ``Retry-After`` (the circuit's remaining open time;
-    one second when it is not open).
-    """
-    if isinstance(error, NotAuthenticated):
-        return ErrorResponse(401, str(error), {})
-    if isinstance(error, (CircuitOpenError, DatabaseUnavailableError, PoolExhaustedError)):
-        if isinstance(error, CircuitOpenError):
-            wait = error.retry_after
-        else:
-            wait = 0.0 if factory is None else factory.circuit_breaker.retry_after
-        seconds = max(1, math.ceil(wait))
-        detail = (
-            "the database is unavailable; retry later"
-            if not isinstance(error, PoolExhaustedError)
-            else "the service is overloaded; retry later"
-        )
-        return ErrorResponse(503, detail, {"Retry-After": str(seconds)})
-    return None

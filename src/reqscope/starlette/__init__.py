@@ -15,33 +15,29 @@ from typing import TYPE_CHECKING, Any
 
 try:
     from starlette.requests import HTTPConnection
-    from starlette.responses import JSONResponse
 except ImportError as exc:  # pragma: no cover - exercised by the import test
     raise ImportError(
         "reqscope.starlette needs Starlette: pip install 'reqscope[starlette]'"
     ) from exc
 
-from reqscope._context import UserExecutionContext, log_fields, use_context
+from reqscope._asgi import PublicRoutes, answer, serve
+from reqscope._context import UserExecutionContext
 from reqscope._requests import (
     REQUEST_ID_HEADER,
-    PublicRoutes,
     RequestResources,
     UserResolver,
-    error_response,
     from_header,
     from_state,
     from_user,
-    not_authenticated,
 )
 from reqscope.exceptions import ReqscopeError, UserResolverError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
     from reqscope._agents import AgentInstanceFactory
     from reqscope._events import EventHub
-    from reqscope._requests import ErrorResponse
     from reqscope._scope import SessionScope
     from reqscope._sessions import IsolatedSessionFactory
 
@@ -60,9 +56,6 @@ __all__ = [
 logger = logging.getLogger("reqscope")
 
 STATE_KEY = "reqscope"
-WS_POLICY_VIOLATION = 1008
-WS_INTERNAL_ERROR = 1011
-WS_TRY_AGAIN_LATER = 1013
 
 
 class ReqscopeMiddleware:
@@ -130,98 +123,10 @@ class ReqscopeMiddleware:
         except ReqscopeError as refusal:
             if isinstance(refusal, UserResolverError):
                 logger.exception("reqscope: %s", refusal)  # noqa: TRY401 - it says what to fix
-            await self._answer(scope, receive, send, refusal)
+            await answer(scope, send, refusal, self.factory)
             return
         scope.setdefault("state", {})[STATE_KEY] = resources
-        response = _Response(self, resources, scope, receive, send)
-        with use_context(resources.context):
-            error: BaseException | None = None
-            try:
-                await self.app(scope, receive, response.send)
-            except Exception as exc:
-                error = exc
-                if isinstance(exc, UserResolverError):
-                    logger.exception(
-                        "reqscope: %s",
-                        exc,  # noqa: TRY401 - the message says what to fix
-                        extra=log_fields(resources.context),
-                    )
-                if response.started or error_response(exc, self.factory) is None:
-                    raise
-                await resources.aclose(exc)
-                await self._answer(scope, receive, send, exc)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                await resources.aclose(error)
-
-    async def _answer(self, scope: Scope, receive: Receive, send: Send, error: Exception) -> None:
-        """Answer ``error`` (one of reqscope's) for a response that has not started."""
-        answer: ErrorResponse | None = error_response(error, self.factory)
-        if scope["type"] == "websocket":
-            code = WS_INTERNAL_ERROR
-            if answer is not None:
-                code = WS_POLICY_VIOLATION if answer.status == 401 else WS_TRY_AGAIN_LATER  # noqa: PLR2004
-            await send({"type": "websocket.close", "code": code})
-            return
-        if answer is None:  # a bug in the app's resolver: nothing for the client to fix
-            response = JSONResponse({"detail": "Internal Server Error"}, status_code=500)
-        else:
-            response = JSONResponse(
-                {"detail": answer.detail}, status_code=answer.status, headers=dict(answer.headers)
-            )
-        await response(scope, receive, send)
-
-
-class _Response:
-    """The request's ``send``: settles the database work as the response starts and ends."""
-
-    __slots__ = ("middleware", "receive", "replaced", "resources", "scope", "started", "upstream")
-
-    def __init__(
-        self,
-        middleware: ReqscopeMiddleware,
-        resources: RequestResources,
-        scope: Scope,
-        receive: Receive,
-        upstream: Send,
-    ) -> None:
-        self.middleware = middleware
-        self.resources = resources
-        self.scope = scope
-        self.receive = receive
-        self.upstream = upstream
-        self.started = False
-        self.replaced = False  # the app's own answer was replaced by a refusal
-
-    async def send(self, message: Message) -> None:
-        if self.replaced:
-            return
-        kind = message["type"]
-        resources = self.resources
-        if kind == "http.response.start":
-            refused = await resources.response_starting(message["status"])
-            self.started = True
-            if refused is not None:
-                self.replaced = True
-                await self.middleware._answer(  # noqa: SLF001 - its own helper
-                    self.scope, self.receive, self.upstream, not_authenticated()
-                )
-                return
-            headers = list(message.get("headers", []))
-            headers.append((b"x-request-id", resources.context.request_id.encode("latin-1")))
-            message = {**message, "headers": headers}
-        elif kind == "websocket.accept":
-            # A connection that would have no user is refused at the handshake instead.
-            await resources.require_context()
-            self.started = True
-        elif kind == "http.response.body" and not message.get("more_body", False):
-            await resources.response_ending()  # a failed commit cuts the last chunk off
-            await self.upstream(message)
-            await resources.aclose()  # the response is complete: nothing may use them now
-            return
-        await self.upstream(message)
+        await serve(self.app, scope, receive, send, resources, factory=self.factory)
 
 
 def get_resources(connection: HTTPConnection) -> RequestResources:

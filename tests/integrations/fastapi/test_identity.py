@@ -361,7 +361,7 @@ async def test_public_routes_per_method_and_an_anonymous_user_per_request(factor
 
 
 def test_public_path_entries_are_checked() -> None:
-    from reqscope._requests import PublicRoutes
+    from reqscope._asgi import PublicRoutes
 
     public = PublicRoutes.parse(["GET /articles", "/health", "post /users/"])
     assert public("GET", "/articles/7")
