@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
+from models import create_tables, drop_tables
 from reqscope import IsolatedSessionFactory, PoolConfig, UserExecutionContext
 
 pytest_plugins = ["pytester"]
@@ -94,6 +95,14 @@ async def _factory(database: Database) -> AsyncIterator[IsolatedSessionFactory]:
         metrics = factory.metrics()
         assert metrics.active_sessions == 0
         assert metrics.pool is None or metrics.pool.checked_out == 0
+
+
+@pytest.fixture(name="tables")
+async def _tables(factory: IsolatedSessionFactory) -> AsyncIterator[None]:
+    """The tables of ``models`` in the factory's database, dropped after the test."""
+    await create_tables(factory.engine)
+    yield
+    await drop_tables(factory.engine)
 
 
 @pytest.fixture(name="alice")

@@ -35,13 +35,6 @@ from reqscope import (
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(name="tables")
-async def _tables(factory: IsolatedSessionFactory) -> AsyncIterator[None]:
-    await create_tables(factory.engine)
-    yield
-    await drop_tables(factory.engine)
-
-
 async def count_notes(factory: IsolatedSessionFactory, user: str | None = None) -> int:
     async with factory.session(UserExecutionContext.create(user or "counter")) as session:
         query = select(func.count()).select_from(Note)

@@ -22,13 +22,12 @@ from fastapi import (
     FastAPI,
     HTTPException,
     WebSocket,
-    WebSocketDisconnect,
     status,
 )
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import String, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from reqscope import (
@@ -48,7 +47,7 @@ from reqscope.fastapi import (
     monitoring_router,
     setup,
 )
-from reqscope.starlette import get_context, message_session
+from reqscope.starlette import serve_websocket
 
 
 class Base(DeclarativeBase):
@@ -229,31 +228,19 @@ def create_app(
         return {"queued": True}
 
     @app.websocket("/ws")
-    async def websocket_chat(websocket: WebSocket):
-        await websocket.accept()
-        ctx = get_context(websocket)
-        async with hub.connect(ctx) as channel, anyio.create_task_group() as group:
+    async def websocket_chat(websocket: WebSocket) -> None:
+        # Each message is its own request: a child context, a session committed when the
+        # handler returns, and an error reply (not a closed connection) when it fails.
+        # The connection's events are forwarded from its own channel.
+        async def on_message(text: str, session: AsyncSession) -> None:
+            ctx = current_context()
+            session.add(
+                ChatMessage(user_id=ctx.user_id, thread_id=ctx.thread_id, role="user", body=text)
+            )
+            await session.commit()  # stored before the client hears of it
+            await hub.emitter(ctx).emit("stored", {"text": text})
 
-            async def forward() -> None:
-                async for event in channel:
-                    await websocket.send_json(event.to_dict())
-
-            group.start_soon(forward)
-            try:
-                while True:
-                    text = await websocket.receive_text()
-                    async with message_session(
-                        websocket
-                    ) as session:  # one short session per message
-                        session.add(
-                            ChatMessage(
-                                user_id=ctx.user_id, thread_id=ctx.thread_id, role="user", body=text
-                            )
-                        )
-                        await session.commit()
-                    await hub.emitter(ctx).emit("stored", {"text": text})
-            except WebSocketDisconnect:
-                group.cancel_scope.cancel()
+        await serve_websocket(websocket, on_message, json_messages=False)
 
     return app
 

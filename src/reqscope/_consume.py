@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import inspect
 import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
@@ -17,21 +18,57 @@ if TYPE_CHECKING:
     from reqscope._context import UserExecutionContext
     from reqscope._sessions import IsolatedSessionFactory
 
-__all__ = ["ConsumeStats", "consume"]
+__all__ = ["ConsumeStats", "FailedMessage", "consume"]
 
 logger = logging.getLogger("reqscope")
 
 M = TypeVar("M")
 
 
+@dataclass(frozen=True, slots=True)
+class FailedMessage:
+    """What is kept of one failed message: text only, never the exception or its frames.
+
+    (A traceback holds the handler's frames, and with them its session: keeping thousands
+    of them kept thousands of sessions alive in a worker that never returns.)
+    """
+
+    status: str  # "error", "timeout", or "rejected" (no valid context)
+    error_type: str
+    error: str
+    user_id: str
+    request_id: str
+    duration: float
+
+
 @dataclass
 class ConsumeStats:
-    """What a :func:`consume` run did."""
+    """What a :func:`consume` run did: counts, and its most recent failures.
+
+    ``failures`` keeps the last ``keep_failures`` (a :func:`consume` argument) failed
+    messages as :class:`FailedMessage` records: a worker that runs for weeks stays bounded.
+    """
 
     processed: int = 0
     failed: int = 0
     timed_out: int = 0
-    failures: list[RunResult[Any]] = field(default_factory=list)
+    rejected: int = 0
+    failures: collections.deque[FailedMessage] = field(
+        default_factory=lambda: collections.deque(maxlen=100)
+    )
+
+    def _record(self, result: RunResult[Any], status: str) -> None:
+        error = result.error
+        self.failures.append(
+            FailedMessage(
+                status=status,
+                error_type="" if error is None else type(error).__name__,
+                error="" if error is None else str(error),
+                user_id=result.user_id,
+                request_id=result.request_id,
+                duration=result.duration,
+            )
+        )
 
 
 async def consume(  # noqa: C901 - nested workers keep one run's state local
@@ -43,6 +80,7 @@ async def consume(  # noqa: C901 - nested workers keep one run's state local
     concurrency: int = 10,
     timeout: float | None = DEFAULT_TIMEOUT,
     on_result: Callable[[M, RunResult[Any]], Awaitable[None] | None] | None = None,
+    keep_failures: int = 100,
 ) -> ConsumeStats:
     """Process messages concurrently, each in its own context, session and containment.
 
@@ -55,14 +93,19 @@ async def consume(  # noqa: C901 - nested workers keep one run's state local
         factory: opens one session per message.
         concurrency: messages in flight at once.
         timeout: each message's own timeout in seconds.
-        on_result: called with every message's :class:`RunResult` (ack/nack here).
+        on_result: called exactly once with every message's :class:`RunResult` (ack or
+            nack here), a message without a valid context included (status ``"error"``,
+            its ``error`` the reason, empty ids).
+        keep_failures: how many recent failures :attr:`ConsumeStats.failures` keeps.
 
     A poisoned message (its context invalid, its handler raising or hanging) fails alone:
     it is counted, logged and reported to ``on_result``; the others go on.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    stats = ConsumeStats()
+    if keep_failures < 0:
+        raise ValueError(f"keep_failures must be >= 0, got {keep_failures}")
+    stats = ConsumeStats(failures=collections.deque(maxlen=keep_failures))
     send, receive = anyio.create_memory_object_stream[M](concurrency)
 
     async def process(message: M, ctx: UserExecutionContext) -> Any:
@@ -72,19 +115,31 @@ async def consume(  # noqa: C901 - nested workers keep one run's state local
             return await handler(message, session)
 
     async def one(message: M) -> None:
+        result: RunResult[Any]
         try:
             ctx = context_from(message)
-        except Exception:
-            stats.failed += 1
-            logger.exception("reqscope: message without a valid context dropped")
-            return
-        result = await run_isolated(ctx, process, message, ctx, timeout=timeout)
-        if result.status == "ok":
-            stats.processed += 1
+        except Exception as exc:  # the message cannot be processed, but must be answered
+            logger.exception("reqscope: message without a valid context rejected")
+            result = RunResult(
+                ok=False,
+                value=None,
+                error=exc,
+                status="error",
+                user_id="",
+                run_id="",
+                request_id="",
+                duration=0.0,
+            )
+            stats.rejected += 1
+            stats._record(result, "rejected")  # noqa: SLF001 - its own record
         else:
-            stats.failed += result.status == "error"
-            stats.timed_out += result.status == "timeout"
-            stats.failures.append(result)
+            result = await run_isolated(ctx, process, message, ctx, timeout=timeout)
+            if result.status == "ok":
+                stats.processed += 1
+            else:
+                stats.failed += result.status == "error"
+                stats.timed_out += result.status == "timeout"
+                stats._record(result, result.status)  # noqa: SLF001
         if on_result is not None:
             outcome = on_result(message, result)
             if inspect.isawaitable(outcome):

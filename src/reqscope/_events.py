@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import anyio
 import anyio.lowlevel
@@ -27,6 +28,10 @@ Overflow = Literal["drop_oldest", "disconnect"]
 @dataclass(frozen=True, slots=True)
 class Event:
     """One event for one user; the payload is deep-frozen."""
+
+    GAP: ClassVar[str] = "reqscope.gap"
+    """The type of the event a channel yields before the events that follow dropped ones
+    (``overflow="drop_oldest"``); its payload is ``{"dropped": n}``."""
 
     type: str
     payload: Mapping[str, Any]
@@ -62,7 +67,11 @@ class HubStats:
 
 
 class EventChannel:
-    """One connection's bounded queue of events; ``async for event in channel``."""
+    """One connection's bounded queue of events; ``async for event in channel``.
+
+    ``max_queue`` counts events, not bytes: bound the payloads you emit (a channel of 256
+    events of 16 KB holds 4 MB).
+    """
 
     def __init__(self, hub: EventHub, ctx: UserExecutionContext, connection_id: str) -> None:
         self.hub = hub
@@ -71,6 +80,8 @@ class EventChannel:
         self.connection_id = connection_id
         self.dropped = 0
         self.closed = False
+        self.overflowed = False  # closed by the "disconnect" policy
+        self._unreported = 0  # dropped since the reader last heard of it
         send, receive = anyio.create_memory_object_stream[Event](hub.max_queue)
         self._send: MemoryObjectSendStream[Event] = send
         self._receive: MemoryObjectReceiveStream[Event] = receive
@@ -83,18 +94,11 @@ class EventChannel:
             self._send.send_nowait(event)
         except anyio.WouldBlock:
             if self.hub.overflow == "disconnect":
-                self.hub.disconnected += 1
-                logger.warning(
-                    "reqscope: disconnecting channel %s of user %r: its queue of %d is full",
-                    self.connection_id,
-                    self.user_id,
-                    self.hub.max_queue,
-                    extra={"user_id": self.user_id, "connection_id": self.connection_id},
-                )
-                self.close()
+                self._overflow()
                 return False
             self._receive.receive_nowait()  # drop the oldest to make room
             self.dropped += 1
+            self._unreported += 1
             self.hub.dropped += 1
             self._send.send_nowait(event)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -102,16 +106,41 @@ class EventChannel:
             return False
         return True
 
+    def _overflow(self) -> None:
+        self.hub.disconnected += 1
+        logger.warning(
+            "reqscope: disconnecting channel %s of user %r: its queue of %d is full",
+            self.connection_id,
+            self.user_id,
+            self.hub.max_queue,
+            extra={"user_id": self.user_id, "connection_id": self.connection_id},
+        )
+        self.overflowed = True
+        self.close()
+        # Nobody will read what is queued: free it now, not when the connection ends.
+        with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
+            while True:
+                self._receive.receive_nowait()
+
     async def receive(self) -> Event:
-        """Wait for the next event.
+        """Wait for the next event (a :data:`Event.GAP` event first, after events were dropped).
 
         Raises:
             anyio.EndOfStream: the channel was closed (disconnected or its block ended).
         """
+        if self._unreported:
+            dropped, self._unreported = self._unreported, 0
+            return self.hub.event(self.context, Event.GAP, {"dropped": dropped})
         return await self._receive.receive()
 
     def __aiter__(self) -> AsyncIterator[Event]:
-        return self._receive.__aiter__()
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
 
     def close(self) -> None:
         """Close the channel; pending events can still be read, then iteration ends."""

@@ -9,10 +9,10 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
-from reqscope._consume import ConsumeStats, consume
+from reqscope._consume import ConsumeStats, FailedMessage, consume
 from reqscope._context import UserExecutionContext, use_context
 
-__all__ = ["ConsumeStats", "consume", "create_task", "to_thread"]
+__all__ = ["ConsumeStats", "FailedMessage", "consume", "create_task", "to_thread"]
 
 T = TypeVar("T")
 

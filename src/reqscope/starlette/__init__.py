@@ -8,19 +8,25 @@ after the response's last body chunk.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 try:
     from starlette.requests import HTTPConnection
+    from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 except ImportError as exc:  # pragma: no cover - exercised by the import test
     raise ImportError(
         "reqscope.starlette needs Starlette: pip install 'reqscope[starlette]'"
     ) from exc
 
 from reqscope._asgi import PublicRoutes, answer, serve
+from reqscope._connections import ConnectionStats, serve_connection
+from reqscope._containment import DEFAULT_TIMEOUT
 from reqscope._context import UserExecutionContext
 from reqscope._requests import (
     REQUEST_ID_HEADER,
@@ -51,6 +57,7 @@ __all__ = [
     "lifespan",
     "message_session",
     "request_session",
+    "serve_websocket",
 ]
 
 logger = logging.getLogger("reqscope")
@@ -189,6 +196,62 @@ def message_session(websocket: HTTPConnection, operation: str = "ws_message") ->
     if resources.factory is None:
         raise ReqscopeError("no IsolatedSessionFactory is configured for this app")
     return resources.factory.session(resources.require_context_now().child(operation))
+
+
+async def serve_websocket(
+    websocket: WebSocket,
+    handler: Callable[..., Awaitable[Any]],
+    *,
+    json_messages: bool = True,
+    timeout: float | None = DEFAULT_TIMEOUT,
+) -> ConnectionStats:
+    """Serve a WebSocket until the client leaves: each message its own request.
+
+    Accepts the connection if it is not yet, forwards the connection's events (when the app
+    has a hub), and runs ``await handler(message, session)`` for every message, in a child
+    context of the connection's and a session of its own that is committed when the handler
+    returns (``handler(message)`` without a factory). What the handler returns, unless
+    ``None``, is sent back as JSON. A handler that raises or runs past ``timeout`` (or a
+    message that is not JSON) gets the client ``{"type": "error", "error": ..., "request_id":
+    ...}``, is counted and logged, and the connection goes on. A client that falls so far
+    behind its events that ``overflow="disconnect"`` drops it is closed with code 1013; one
+    that goes away, even mid-send, ends the connection quietly.
+
+    Raises:
+        NotAuthenticated: the connection has no user and its route is not public.
+    """
+    resources = get_resources(websocket)
+    ctx = await resources.require_context()
+    if websocket.client_state == WebSocketState.CONNECTING:
+        await websocket.accept()
+
+    async def receive() -> str | bytes:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        text: str | None = message.get("text")
+        return text if text is not None else message.get("bytes", b"")
+
+    async def close(code: int, reason: str) -> None:
+        await websocket.close(code, reason)
+
+    return await serve_connection(
+        ctx,
+        receive=receive,
+        send=websocket.send_json,
+        close=close,
+        handler=handler,
+        disconnects=(
+            WebSocketDisconnect,
+            OSError,
+            anyio.ClosedResourceError,
+            anyio.BrokenResourceError,
+        ),
+        factory=resources.factory,
+        hub=resources.hub,
+        decode=json.loads if json_messages else None,
+        timeout=timeout,
+    )
 
 
 def lifespan(

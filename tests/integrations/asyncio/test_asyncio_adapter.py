@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import gc
 import sys
 import threading
+import weakref
 
 import anyio
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from example_loader import load_example
 from reqscope import (
@@ -44,9 +48,12 @@ async def test_worker_example_poisoned_messages_fail_alone(database) -> None:
             from sqlalchemy import text
 
             await conn.execute(text("DROP TABLE jobs"))
-    assert (stats.processed, stats.failed, stats.timed_out) == (9, 2, 0)
+    assert (stats.processed, stats.failed, stats.timed_out, stats.rejected) == (9, 1, 0, 1)
     assert per_user == {"user-0": 3, "user-1": 3, "user-2": 3}
-    assert stats.failures[0].user_id == "user-0"  # the raising one, with its own result
+    by_status = {failure.status: failure for failure in stats.failures}
+    assert by_status["error"].user_id == "user-0"  # the raising one, with its own result
+    assert by_status["error"].error == "this message is poisoned"
+    assert by_status["rejected"].error_type == "ContextValidationError"
 
 
 async def test_consume_hangs_time_out_alone_and_async_sources_work() -> None:
@@ -102,3 +109,69 @@ def test_adapters_name_their_extra_when_the_framework_is_missing() -> None:
         "        raise SystemExit(mod + ' imported')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)  # noqa: S603
+
+
+async def test_every_message_reaches_on_result_exactly_once_bad_context_included() -> None:
+    # An ack-based broker with prefetch 5: it delivers no more until earlier messages are
+    # acked or nacked in on_result. A message with no valid context that skipped on_result
+    # was never answered, and after 5 of them the worker stalled for good.
+    prefetch = anyio.Semaphore(5)
+    answered: dict[int, list[str]] = {}
+
+    async def broker():
+        for n in range(200):
+            await prefetch.acquire()
+            yield n
+
+    def context_of(n: int) -> UserExecutionContext:
+        if n % 10 == 0:
+            raise ValueError(f"message {n} has no context headers")
+        return UserExecutionContext.create(f"user-{n % 7}")
+
+    async def handler(n: int) -> int:
+        if n % 10 == 5:
+            raise RuntimeError("poisoned")
+        return n
+
+    def ack_or_nack(n: int, result) -> None:
+        answered.setdefault(n, []).append(result.status)
+        prefetch.release()
+
+    with anyio.fail_after(10):
+        stats = await consume(
+            broker(), handler, context_from=context_of, concurrency=4, on_result=ack_or_nack
+        )
+    assert sorted(answered) == list(range(200))
+    assert all(len(statuses) == 1 for statuses in answered.values())  # exactly once
+    assert (stats.processed, stats.failed, stats.rejected) == (160, 20, 20)
+    rejected = [f for f in stats.failures if f.status == "rejected"]
+    assert rejected
+    assert "has no context headers" in rejected[0].error
+
+
+async def test_a_worker_keeps_counts_not_failed_sessions(database) -> None:
+    # A worker never returns: what it keeps of failures must be bounded. Each failure's
+    # traceback holds the handler's frame, and with it the message's session.
+    sessions: list[weakref.ref[AsyncSession]] = []
+
+    async def handler(n: int, session: AsyncSession) -> None:
+        sessions.append(weakref.ref(session))
+        await session.execute(text("SELECT 1"))
+        raise ValueError(f"message {n} is poisoned")
+
+    async with IsolatedSessionFactory(database.url) as factory:
+        stats = await consume(
+            range(2000),
+            handler,
+            context_from=lambda n: UserExecutionContext.create(f"user-{n % 50}"),
+            factory=factory,
+            concurrency=10,
+            keep_failures=50,
+        )
+    gc.collect()
+    assert stats.failed == 2000
+    assert len(stats.failures) == 50
+    assert stats.failures[-1].error.startswith("message ")
+    assert sum(ref() is not None for ref in sessions) == 0  # no failed message's session lives
+    with pytest.raises(ValueError, match="keep_failures"):
+        await consume([], handler, context_from=lambda n: n, keep_failures=-1)

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import ForeignKey, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from models import Note, create_tables, drop_tables
+from models import Note
 from reqscope import (
     CircuitBreaker,
     CircuitOpenError,
@@ -37,13 +37,6 @@ from reqscope.fastapi import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(name="tables")
-async def _tables(factory: IsolatedSessionFactory) -> AsyncIterator[None]:
-    await create_tables(factory.engine)
-    yield
-    await drop_tables(factory.engine)
 
 
 def client_for(app: FastAPI) -> httpx.AsyncClient:
