@@ -43,6 +43,11 @@ _SERVERS = {
     "postgres-psycopg": "REQSCOPE_TEST_PSYCOPG_URL",
     "mysql-asyncmy": "REQSCOPE_TEST_MYSQL_URL",
 }
+# Message brokers: not databases, so not in the `database` fixture's parameters.
+_BROKERS = {
+    "rabbitmq": "REQSCOPE_TEST_AMQP_URL",
+    "redis": "REQSCOPE_TEST_REDIS_URL",
+}
 
 
 def _reachable(url: str) -> bool:
@@ -55,8 +60,8 @@ def _reachable(url: str) -> bool:
 
 
 def server_url(name: str) -> str:
-    """The URL of server database ``name``, or skip (fail under REQUIRE_SERVICES)."""
-    variable = _SERVERS[name]
+    """The URL of server ``name`` (a database or a broker), or skip (fail under REQUIRE_SERVICES)."""
+    variable = {**_SERVERS, **_BROKERS}[name]
     url = os.environ.get(variable)
     if not url:
         if REQUIRE_SERVICES:
