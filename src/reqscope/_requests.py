@@ -92,19 +92,25 @@ def from_header(name: str) -> UserResolver:
     return resolve
 
 
-def from_user(attr: str = "identity") -> UserResolver:
+def from_user(attr: str | None = None) -> UserResolver:
     """Resolve the user from ``request.user``, set by Starlette's ``AuthenticationMiddleware``.
 
-    ``attr`` is the attribute of the authenticated user that is the user id (``identity``,
-    as Starlette's ``SimpleUser`` has it). An unauthenticated user, or no user yet, is
-    ``None``.
+    ``attr`` is the attribute of the authenticated user that is the user id; by default its
+    ``identity``, or its ``display_name`` where the user class has no ``identity`` (Starlette
+    before 0.38). An unauthenticated user, or no user yet, is ``None``.
     """
 
     def resolve(connection: Any) -> str | None:
         user = connection.scope.get("user")
         if user is None or not getattr(user, "is_authenticated", False):
             return None
-        value = getattr(user, attr)
+        if attr is not None:
+            value = getattr(user, attr)
+        else:
+            try:
+                value = user.identity
+            except NotImplementedError:
+                value = user.display_name
         return None if value is None else str(value)
 
     resolve.__name__ = f"from_user({attr!r})"

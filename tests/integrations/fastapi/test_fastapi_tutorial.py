@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import settings
 
+from conftest import closing_test_client
 from example_loader import load_example
 from reqscope import IsolatedSessionFactory, UserExecutionContext
 from reqscope.testing import IsolationMachine
@@ -31,7 +32,7 @@ def _app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
 
 @pytest.fixture(name="client")
 def _client(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app) as client:  # the lifespan, once per test
+    with closing_test_client(app) as client:  # the lifespan, once per test
         yield client
 
 

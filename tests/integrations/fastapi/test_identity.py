@@ -7,6 +7,7 @@ configured) unless it is about something no database changes.
 # No `from __future__ import annotations`: like most FastAPI apps, the endpoints here use
 # local Annotated aliases, which FastAPI resolves only from real annotations.
 import logging
+import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -518,5 +519,7 @@ def test_the_dev_install_serves_websockets() -> None:
     # had no WebSocket implementation ("No supported WebSocket library detected").
     uvicorn = pytest.importorskip("uvicorn")
     config = uvicorn.Config(app=FastAPI(), ws="auto")
-    config.load()
+    with warnings.catch_warnings():  # an older uvicorn imports websockets' legacy API
+        warnings.simplefilter("ignore", DeprecationWarning)
+        config.load()
     assert config.ws_protocol_class is not None

@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.websockets import WebSocketDisconnect
 
+from conftest import closing_test_client
 from models import Note
 from reqscope import EventHub, IsolatedSessionFactory, UserExecutionContext, current_context
 from reqscope.fastapi import from_header, setup
@@ -54,7 +55,7 @@ def _served(tmp_path) -> Iterator[tuple[TestClient, IsolatedSessionFactory, list
 
         await create_tables(factory.engine)
 
-    with TestClient(app) as client:
+    with closing_test_client(app) as client:
         client.portal.call(tables)  # type: ignore[union-attr]
         yield client, factory, outcomes, hub
 
@@ -95,6 +96,10 @@ def test_overflow_disconnect_closes_the_socket(served) -> None:
         with pytest.raises(WebSocketDisconnect) as closed:
             while True:  # whatever was delivered before the queue overflowed, then the close
                 ws.receive_json()
+        for _ in range(200):  # the server returns right after its close
+            if outcomes:
+                break
+            client.portal.call(anyio.sleep, 0.01)  # type: ignore[union-attr]
     assert closed.value.code == 1013
     assert outcomes[0].overflowed
     assert hub.stats().connections == 0  # and nothing of it is kept
@@ -104,7 +109,10 @@ def test_drop_oldest_tells_the_client_how_many_events_it_missed(tmp_path) -> Non
     factory = IsolatedSessionFactory(f"sqlite+aiosqlite:///{tmp_path / 'ws.sqlite3'}")
     hub = EventHub(max_queue=2, overflow="drop_oldest")
     app = chat_app(factory, hub, [])
-    with TestClient(app) as client, client.websocket_connect("/ws", headers={"x-user": "c"}) as ws:
+    with (
+        closing_test_client(app) as client,
+        client.websocket_connect("/ws", headers={"x-user": "c"}) as ws,
+    ):
         ws.send_json({"kind": "flood", "count": 20})
         seen: list[int] = []
         dropped = 0
