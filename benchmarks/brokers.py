@@ -100,7 +100,9 @@ async def reqscope_worker(queue: Any, url: str, count: int, concurrency: int) ->
     async with IsolatedSessionFactory(url, pool=pool) as factory:
         started = time.perf_counter()
         async with anyio.create_task_group() as group:
-            group.start_soon(lambda: consume_queue(queue, handle, factory=factory, concurrency=concurrency))
+            group.start_soon(
+                lambda: consume_queue(queue, handle, factory=factory, concurrency=concurrency)
+            )
             await done.wait()
             with anyio.fail_after(30):  # the last commits and acks
                 while factory.metrics().active_sessions:
@@ -117,10 +119,13 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     args = parser.parse_args()
     url = os.environ.get(
-        "REQSCOPE_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test?ssl=disable"
+        "REQSCOPE_BENCH_POSTGRES_URL",
+        "postgresql+asyncpg://postgres@127.0.0.1:5432/test?ssl=disable",
     )
     amqp = os.environ.get("REQSCOPE_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-    print(f"command: python benchmarks/brokers.py --messages {args.messages} --rounds {args.rounds} --concurrency {args.concurrency}")
+    print(
+        f"command: python benchmarks/brokers.py --messages {args.messages} --rounds {args.rounds} --concurrency {args.concurrency}"
+    )
     print(f"aio-pika {aio_pika.__version__}, nproc {os.cpu_count()}")
     engine = build_engine(url)
     async with engine.begin() as conn:
