@@ -3,7 +3,7 @@
     python benchmarks/brokers.py [--messages 2000] [--rounds 5] [--concurrency 20]
 
 Both consume the same kind of message (a context in its headers, a JSON body) from a
-RabbitMQ queue with prefetch 2 × concurrency and do the same database work: one INSERT into
+RabbitMQ queue with prefetch twice the concurrency and do the same database work: one INSERT into
 a ledger on PostgreSQL, committed, then ack. The plain consumer opens an
 ``async_sessionmaker`` session per message in a task of its own, bounded by a semaphore;
 reqscope's builds the message's context, opens an isolated session, contains failures.
@@ -24,12 +24,12 @@ from typing import Any
 
 import aio_pika
 import anyio
+from sessions import median_ci, round_order  # benchmarks/sessions.py
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from reqscope import IsolatedSessionFactory, PoolConfig, UserExecutionContext, build_engine
 from reqscope.brokers.rabbitmq import consume_queue, publish
-from sessions import median_ci, round_order  # benchmarks/sessions.py
 
 QUEUE = "reqscope_bench_jobs"
 INSERT = text("INSERT INTO reqscope_bench_ledger (message, user_id) VALUES (:n, :user)")
@@ -105,7 +105,7 @@ async def reqscope_worker(queue: Any, url: str, count: int, concurrency: int) ->
             )
             await done.wait()
             with anyio.fail_after(30):  # the last commits and acks
-                while factory.metrics().active_sessions:
+                while factory.metrics().active_sessions:  # noqa: ASYNC110 - a metric, no event
                     await anyio.sleep(0.001)
             elapsed = time.perf_counter() - started
             group.cancel_scope.cancel()
@@ -124,7 +124,8 @@ async def main() -> None:
     )
     amqp = os.environ.get("REQSCOPE_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     print(
-        f"command: python benchmarks/brokers.py --messages {args.messages} --rounds {args.rounds} --concurrency {args.concurrency}"
+        f"command: python benchmarks/brokers.py --messages {args.messages} "
+        f"--rounds {args.rounds} --concurrency {args.concurrency}"
     )
     print(f"aio-pika {aio_pika.__version__}, nproc {os.cpu_count()}")
     engine = build_engine(url)
