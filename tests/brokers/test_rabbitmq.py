@@ -14,9 +14,18 @@ from typing import Any
 
 import anyio
 import pytest
+from broker_ledger import (
+    TOTAL,
+    check_five_thousand,
+    insert_sql,
+    poisoned,
+    reset,
+    rows,
+    user_of,
+    without_context,
+)
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from conftest import server_url
 from reqscope import IsolatedSessionFactory, UserExecutionContext, current_context, session_tags
@@ -28,10 +37,7 @@ pytestmark = pytest.mark.anyio
 
 QUEUE, DEAD, DLX = "reqscope_test_jobs", "reqscope_test_jobs_dead", "reqscope_test_dlx"
 LEDGER = "reqscope_test_ledger"
-LEDGER_INSERT = (
-    f"INSERT INTO {LEDGER} (message, user_id, session_owner) VALUES (:n, :user, :owner) "
-    "ON CONFLICT (message) DO NOTHING"  # idempotent: a redelivered message counts once
-)
+LEDGER_INSERT = insert_sql(LEDGER)
 
 
 @pytest.fixture(name="amqp_url")
@@ -47,15 +53,7 @@ def _pg_url() -> str:
 @pytest.fixture(name="broker")
 async def _broker(amqp_url: str, pg_url: str) -> AsyncIterator[Any]:
     """A fresh work queue dead-lettering into its own queue, and an empty ledger."""
-    engine = create_async_engine(pg_url, poolclass=NullPool)
-    async with engine.begin() as conn:
-        await conn.execute(text(f"DROP TABLE IF EXISTS {LEDGER}"))
-        await conn.execute(
-            text(
-                f"CREATE TABLE {LEDGER} (message integer PRIMARY KEY, user_id text NOT NULL, "
-                "session_owner text NOT NULL)"
-            )
-        )
+    await reset(pg_url, LEDGER)
     connection = await aio_pika.connect_robust(amqp_url)
     channel = await connection.channel()
     for name in (QUEUE, DEAD):
@@ -68,22 +66,16 @@ async def _broker(amqp_url: str, pg_url: str) -> AsyncIterator[Any]:
     for name in (QUEUE, DEAD):
         await channel.queue_delete(name)
     await connection.close()
-    async with engine.begin() as conn:
-        await conn.execute(text(f"DROP TABLE IF EXISTS {LEDGER}"))
-    await engine.dispose()
+    await reset(pg_url, LEDGER, create=False)
 
 
-def user_of(n: int) -> str:
-    return f"user-{n % 50}"
-
-
-async def publish_all(channel: Any, count: int, *, bad_context: int = 0) -> None:
-    """``count`` jobs from 50 users; every ``bad_context``-th (offset 1) carries no context."""
+async def publish_all(channel: Any, count: int, *, bad_context: bool = False) -> None:
+    """``count`` jobs from 50 users; with ``bad_context``, 1 % carry no context."""
     exchange = channel.default_exchange
 
     async def one(n: int) -> None:
         body = json.dumps({"n": n, "user": user_of(n)}).encode()
-        if bad_context and n % bad_context == 1:
+        if bad_context and without_context(n):
             await exchange.publish(aio_pika.Message(body), QUEUE)
         else:
             await publish(exchange, QUEUE, body, UserExecutionContext.create(user_of(n)))
@@ -95,12 +87,7 @@ async def publish_all(channel: Any, count: int, *, bad_context: int = 0) -> None
 
 
 async def ledger(pg_url: str) -> list[tuple[int, str, str]]:
-    engine = create_async_engine(pg_url, poolclass=NullPool)
-    async with engine.connect() as conn:
-        rows = await conn.execute(text(f"SELECT message, user_id, session_owner FROM {LEDGER}"))
-        result = [tuple(row) for row in rows]
-    await engine.dispose()
-    return result  # type: ignore[return-value]
+    return await rows(pg_url, LEDGER)
 
 
 async def count_messages(amqp_url: str, name: str, expected: int = 0) -> int:
@@ -124,12 +111,12 @@ async def count_messages(amqp_url: str, name: str, expected: int = 0) -> int:
 async def test_five_thousand_messages_each_acked_or_dead_lettered_once(
     broker, amqp_url, pg_url
 ) -> None:
-    await publish_all(broker, 5000, bad_context=100)  # 1 %: no context at all
+    await publish_all(broker, TOTAL, bad_context=True)
     mismatches: list[int] = []
 
     async def handle(message: Any, session: AsyncSession) -> None:
         job = json.loads(message.body)
-        if job["n"] % 20 == 0:  # 5 %: poisoned
+        if poisoned(job["n"]):
             raise ValueError(f"job {job['n']} is poisoned")
         user = current_context().user_id
         if user != job["user"]:
@@ -144,19 +131,9 @@ async def test_five_thousand_messages_each_acked_or_dead_lettered_once(
             stats = await consume_queue(
                 queue, handle, factory=factory, concurrency=20, idle_timeout=2
             )
-    poisoned = sum(1 for n in range(5000) if n % 20 == 0)
-    without_context = sum(1 for n in range(5000) if n % 100 == 1)
-    assert (stats.processed, stats.failed, stats.rejected) == (
-        5000 - poisoned - without_context,
-        poisoned,
-        without_context,
-    )
-    rows = await ledger(pg_url)
-    assert len(rows) == stats.processed
-    assert all(user == user_of(n) == owner for n, user, owner in rows)  # own user and session
+    dead = await check_five_thousand(stats, pg_url, LEDGER)
     assert mismatches == []
     assert await count_messages(amqp_url, QUEUE) == 0  # every message acked or dead-lettered
-    dead = poisoned + without_context
     assert await count_messages(amqp_url, DEAD, dead) == dead  # exactly once
 
 

@@ -8,9 +8,18 @@ from typing import Any
 
 import anyio
 import pytest
+from broker_ledger import (
+    TOTAL,
+    check_five_thousand,
+    insert_sql,
+    poisoned,
+    reset,
+    rows,
+    user_of,
+    without_context,
+)
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from conftest import server_url
 from reqscope import IsolatedSessionFactory, UserExecutionContext, current_context, session_tags
@@ -22,14 +31,7 @@ pytestmark = pytest.mark.anyio
 
 STREAM, GROUP = "reqscope:test:jobs", "reqscope-test-workers"
 LEDGER = "reqscope_test_stream_ledger"
-LEDGER_INSERT = (
-    f"INSERT INTO {LEDGER} (message, user_id, session_owner) VALUES (:n, :user, :owner) "
-    "ON CONFLICT (message) DO NOTHING"
-)
-
-
-def user_of(n: int) -> str:
-    return f"user-{n % 50}"
+LEDGER_INSERT = insert_sql(LEDGER)
 
 
 @pytest.fixture(name="pg_url")
@@ -41,28 +43,18 @@ def _pg_url() -> str:
 async def _client(pg_url: str) -> AsyncIterator[Any]:
     client = redis_asyncio.Redis.from_url(server_url("redis"), decode_responses=True)
     await client.delete(STREAM, f"{STREAM}:dead")
-    engine = create_async_engine(pg_url, poolclass=NullPool)
-    async with engine.begin() as conn:
-        await conn.execute(text(f"DROP TABLE IF EXISTS {LEDGER}"))
-        await conn.execute(
-            text(
-                f"CREATE TABLE {LEDGER} (message integer PRIMARY KEY, user_id text NOT NULL, "
-                "session_owner text NOT NULL)"
-            )
-        )
+    await reset(pg_url, LEDGER)
     yield client
     await client.delete(STREAM, f"{STREAM}:dead")
     await client.aclose()
-    async with engine.begin() as conn:
-        await conn.execute(text(f"DROP TABLE IF EXISTS {LEDGER}"))
-    await engine.dispose()
+    await reset(pg_url, LEDGER, create=False)
 
 
-async def add_all(client: Any, count: int, *, bad_context: int = 0) -> None:
+async def add_all(client: Any, count: int, *, bad_context: bool = False) -> None:
     async with client.pipeline(transaction=False) as pipe:
         for n in range(count):
             fields = {"body": json.dumps({"n": n, "user": user_of(n)})}
-            if bad_context and n % bad_context == 1:
+            if bad_context and without_context(n):
                 pipe.xadd(STREAM, fields)
             else:
                 pipe.xadd(
@@ -73,11 +65,7 @@ async def add_all(client: Any, count: int, *, bad_context: int = 0) -> None:
 
 
 async def ledger(pg_url: str) -> list[tuple[int, str, str]]:
-    engine = create_async_engine(pg_url, poolclass=NullPool)
-    async with engine.connect() as conn:
-        rows = [tuple(r) for r in await conn.execute(text(f"SELECT * FROM {LEDGER}"))]
-    await engine.dispose()
-    return rows  # type: ignore[return-value]
+    return await rows(pg_url, LEDGER)
 
 
 async def record(entry: StreamEntry, session: AsyncSession) -> dict[str, Any]:
@@ -93,11 +81,11 @@ async def record(entry: StreamEntry, session: AsyncSession) -> dict[str, Any]:
 
 @pytest.mark.slow
 async def test_five_thousand_entries_each_acked_or_dead_lettered_once(client, pg_url) -> None:
-    await add_all(client, 5000, bad_context=100)
+    await add_all(client, TOTAL, bad_context=True)
 
     async def handle(entry: StreamEntry, session: AsyncSession) -> None:
         job = json.loads(entry.fields["body"])
-        if job["n"] % 20 == 0:
+        if poisoned(job["n"]):
             raise ValueError(f"job {job['n']} is poisoned")
         assert current_context().user_id == job["user"]
         await record(entry, session)
@@ -115,19 +103,10 @@ async def test_five_thousand_entries_each_acked_or_dead_lettered_once(client, pg
                 idle_timeout=1.5,
                 block=0.2,
             )
-    poisoned = sum(1 for n in range(5000) if n % 20 == 0)
-    without_context = sum(1 for n in range(5000) if n % 100 == 1)
-    assert (stats.processed, stats.failed, stats.rejected) == (
-        5000 - poisoned - without_context,
-        poisoned,
-        without_context,
-    )
-    rows = await ledger(pg_url)
-    assert len(rows) == stats.processed
-    assert all(user == user_of(n) == owner for n, user, owner in rows)
+    dead_letters = await check_five_thousand(stats, pg_url, LEDGER)
     assert (await client.xpending(STREAM, GROUP))["pending"] == 0  # every entry acknowledged
     dead = await client.xrange(f"{STREAM}:dead")
-    assert len(dead) == poisoned + without_context  # each failure dead-lettered once
+    assert len(dead) == dead_letters  # each failure dead-lettered once
     statuses = {fields["reqscope-status"] for _, fields in dead}
     assert statuses == {"error"}
     assert any("is poisoned" in fields["reqscope-error"] for _, fields in dead)
