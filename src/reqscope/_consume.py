@@ -57,18 +57,20 @@ class ConsumeStats:
         default_factory=lambda: collections.deque(maxlen=100)
     )
 
-    def _record(self, result: RunResult[Any], status: str) -> None:
-        error = result.error
-        self.failures.append(
-            FailedMessage(
-                status=status,
-                error_type="" if error is None else type(error).__name__,
-                error="" if error is None else str(error),
-                user_id=result.user_id,
-                request_id=result.request_id,
-                duration=result.duration,
-            )
+
+def _record(stats: ConsumeStats, result: RunResult[Any], status: str) -> None:
+    """Keep ``result`` in ``stats.failures`` as text: never the exception or its frames."""
+    error = result.error
+    stats.failures.append(
+        FailedMessage(
+            status=status,
+            error_type="" if error is None else type(error).__name__,
+            error="" if error is None else str(error),
+            user_id=result.user_id,
+            request_id=result.request_id,
+            duration=result.duration,
         )
+    )
 
 
 async def consume(  # noqa: C901 - nested workers keep one run's state local
@@ -131,7 +133,7 @@ async def consume(  # noqa: C901 - nested workers keep one run's state local
                 duration=0.0,
             )
             stats.rejected += 1
-            stats._record(result, "rejected")  # noqa: SLF001 - its own record
+            _record(stats, result, "rejected")
         else:
             result = await run_isolated(ctx, process, message, ctx, timeout=timeout)
             if result.status == "ok":
@@ -139,7 +141,7 @@ async def consume(  # noqa: C901 - nested workers keep one run's state local
             else:
                 stats.failed += result.status == "error"
                 stats.timed_out += result.status == "timeout"
-                stats._record(result, result.status)  # noqa: SLF001
+                _record(stats, result, result.status)
         if on_result is not None:
             outcome = on_result(message, result)
             if inspect.isawaitable(outcome):

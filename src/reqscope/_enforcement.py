@@ -405,8 +405,7 @@ async def hand_over(session: AsyncSession, ctx: UserExecutionContext) -> None:
             f"to request {ctx.request_id}: a session changes owner only within its request"
         )
     entry.ctx = ctx
-    if "info" in session.sync_session.__dict__:  # the tags were already read: keep them true
-        session.info.update(entry.log_fields())
+    session.info.update(entry.log_fields())  # made from the new owner, or brought up to date
     if entry.tenant is None:
         return
     policy = entry.tenant[0]
