@@ -194,7 +194,7 @@ def diagnostic_variants(
         "plain, close inline": closing_inline(maker),
         "plain, factory's engine": on_factory_engine,
         # the factory's own session class, as factory.session() binds it
-        "factory session, bare": closing_inline(factory._new_session),  # noqa: SLF001
+        "factory session, bare": closing_inline(factory._keeper.new_session),  # noqa: SLF001
         "bare + context variable": with_context,
         f"plain + {SPIN_SECONDS * 1e6:.0f} µs busy loop": spin,
     }
@@ -209,7 +209,7 @@ class _ContextOnly:
         self._factory, self._ctx = factory, ctx
 
     async def __aenter__(self) -> AsyncSession:
-        self._session = self._factory._new_session()  # noqa: SLF001
+        self._session = self._factory._keeper.new_session()  # noqa: SLF001
         self._token = _current.set(self._ctx)
         return self._session
 
@@ -447,7 +447,7 @@ def leak_pass_cost() -> float:
     registry = SessionRegistry()
     for i in range(10_000):
         ctx = UserExecutionContext.create(f"user-{i % 100}")
-        registry.add(Entry(f"s{i}", ctx, ctx.created_at, 3600.0, None, None))
+        registry.add(Entry(None, ctx, lifetime=3600.0))  # type: ignore[arg-type]
     detector = LeakDetector(registry, lambda _e, _d: None, _noop, reclaim_leaks=True)
     samples = []
     for _ in range(9):
@@ -480,7 +480,7 @@ async def empty_scope_cost(batches: int = 21, scopes: int = 5000) -> tuple[float
                 pass
 
         async def bare() -> None:
-            session = factory._new_session()  # noqa: SLF001
+            session = factory._keeper.new_session()  # noqa: SLF001
             await session.close()
 
         samples: dict[str, list[float]] = {"scope": [], "bare": []}

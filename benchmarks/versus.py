@@ -58,7 +58,7 @@ async def compare(other, args: argparse.Namespace) -> None:
     plain_engine = reqscope.build_engine(url, pool=POOL)
     maker = async_sessionmaker(plain_engine, expire_on_commit=False)
     this = reqscope.IsolatedSessionFactory(reqscope.build_engine(url, pool=POOL))
-    that = other.IsolatedSessionFactory(other.build_engine(url, pool=POOL))
+    that = other.IsolatedSessionFactory(reqscope.build_engine(url, pool=POOL))
     users = [f"user-{i}" for i in range(100)]
     this_ctx = {u: reqscope.UserExecutionContext.create(u) for u in users}
     that_ctx = {u: other.UserExecutionContext.create(u) for u in users}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 from sqlalchemy.engine import make_url
 
 from models import create_tables, drop_tables
@@ -24,6 +25,11 @@ from reqscope import IsolatedSessionFactory, PoolConfig, UserExecutionContext
 pytest_plugins = ["pytester"]
 
 REQUIRE_SERVICES = os.environ.get("REQSCOPE_REQUIRE_SERVICES") == "1"
+
+# Timings on a shared machine, under coverage's tracer, say nothing about the code: no
+# deadline, and no health check failing a test because generating its inputs was slow.
+settings.register_profile("reqscope", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("reqscope")
 
 
 @dataclass(frozen=True)
@@ -45,10 +51,12 @@ _SERVERS = {
     "postgres-psycopg": "REQSCOPE_TEST_PSYCOPG_URL",
     "mysql-asyncmy": "REQSCOPE_TEST_MYSQL_URL",
 }
-# Message brokers: not databases, so not in the `database` fixture's parameters.
+# Message brokers, and the read replica (a hot standby of the PostgreSQL server, which
+# refuses writes): not in the `database` fixture's parameters.
 _BROKERS = {
     "rabbitmq": "REQSCOPE_TEST_AMQP_URL",
     "redis": "REQSCOPE_TEST_REDIS_URL",
+    "postgres-replica": "REQSCOPE_TEST_REPLICA_URL",
 }
 
 
@@ -73,6 +81,24 @@ def server_url(name: str) -> str:
         if REQUIRE_SERVICES:
             pytest.fail(f"{name} at {variable} is unreachable but REQSCOPE_REQUIRE_SERVICES=1")
         pytest.skip(f"{name} at {variable} is unreachable")
+    return url
+
+
+async def marked_sqlite(path: Path, name: str) -> str:
+    """The URL of a new SQLite file whose table ``whereami`` holds ``name``.
+
+    Stand-ins for a primary and its read replicas: ``SELECT name FROM whereami`` says which
+    database a session reads.
+    """
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = f"sqlite+aiosqlite:///{path}"
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE whereami (name TEXT)"))
+        await conn.execute(text("INSERT INTO whereami VALUES (:name)"), {"name": name})
+    await engine.dispose()
     return url
 
 

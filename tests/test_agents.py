@@ -24,6 +24,7 @@ from reqscope import (
     session_tags,
     use_context,
 )
+from reqscope.testing import assert_no_violations
 
 
 class Memory:
@@ -69,7 +70,7 @@ async def test_create_returns_a_new_object_every_time() -> None:
         assert isinstance(typed, Memory)
         assert first.context is alice
         assert scope.agents == (first, second, typed)
-        assert scope.owns(first)
+        scope.check(first)  # its own
     async with agents.scope(alice) as other:
         assert other.create("memory") is not first
     assert agents.agents_created == 4
@@ -277,6 +278,8 @@ async def test_an_agent_is_refused_in_another_users_request() -> None:
         with pytest.raises(IsolationViolation, match="create a new agent"):
             bob_scope.check(worker)
         alice_scope.check(worker)
+    with pytest.raises(AssertionError, match=r"3 agent isolation violation\(s\)"):
+        assert_no_violations(agents)
 
 
 async def test_agents_without_session_factory() -> None:
@@ -289,3 +292,43 @@ async def test_agents_without_session_factory() -> None:
 def test_reserved_infrastructure_names() -> None:
     with pytest.raises(ValueError, match="reserved"):
         AgentInstanceFactory(AgentRegistry(), infrastructure={"context": 1})
+
+
+async def test_the_signature_kinds_an_agent_factory_may_have() -> None:
+    """Keyword catch-alls get every override; *args and defaulted positional-only are left."""
+    registry = AgentRegistry()
+
+    class Flexible:
+        def __init__(self, context, *args, **options) -> None:
+            self.context = context
+            self.args = args
+            self.options = options
+
+    def positional_only(llm: Llm, /, context=None) -> tuple[Llm, object]:
+        return llm, context
+
+    def defaulted_positional_only(limit: int = 3, /, *, context) -> tuple[int, object]:
+        return limit, context
+
+    class Slots:
+        __slots__ = ("context",)
+
+        def __init__(self, context) -> None:
+            self.context = context
+
+    registry.register("flexible", Flexible)
+    registry.register("positional", positional_only)
+    registry.register("defaulted", defaulted_positional_only)
+    registry.register("slots", Slots)
+    agents = AgentInstanceFactory(registry, infrastructure={"llm": Llm()})
+    ctx = UserExecutionContext.create("alice")
+    async with agents.scope(ctx) as scope:
+        flexible = scope.create("flexible", temperature=0.2)
+        assert flexible.args == ()
+        assert flexible.options == {"temperature": 0.2}
+        with pytest.raises(AgentCreationError, match="positional-only parameter 'llm'"):
+            scope.create("positional")
+        assert scope.create("defaulted") == (3, scope.context)
+        assert scope.create("slots").context is ctx  # not weak-referenceable: still cleaned up
+        with pytest.raises(ReqscopeError, match="has no session factory"):
+            _ = scope.sessions

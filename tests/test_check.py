@@ -74,6 +74,43 @@ def test_a_broken_isolation_is_reported() -> None:
     assert report.to_dict()["ok"] is False
 
 
+def test_the_check_attempts_what_it_reports(capsys) -> None:
+    assert main(["check", "--requests", "30", "--users", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["probes"] == report["probes_refused"] == 12  # 3 rounds of 4 attempts
+    assert report["breaches"] == []
+
+
+def test_the_check_fails_when_sessions_are_not_policed(monkeypatch, capsys) -> None:
+    """A stub enforcement: every session is usable by anyone, any time."""
+    import reqscope._enforcement
+
+    monkeypatch.setattr(reqscope._enforcement, "_check", lambda *_: None)
+    assert main(["check", "--requests", "30", "--users", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: isolation broke" in out
+    assert "probes refused 3 of 12" in out  # only the foreign rows written: the tenant guard
+    assert (
+        "BREACH: user 'check-user-0''s session used by user 'reqscope-check-intruder' was allowed"
+        in out
+    )
+    assert "used by a later request of the same user was allowed" in out
+    assert "used after its block ended was allowed" in out
+
+
+def test_the_check_fails_when_the_tenant_filter_lets_rows_through(monkeypatch, capsys) -> None:
+    """A stub tenant layer: reads are not filtered, writes not guarded."""
+    import reqscope._enforcement
+
+    monkeypatch.setattr(reqscope._enforcement, "add_tenant_criteria", lambda *_: None)
+    monkeypatch.setattr(reqscope._enforcement, "guard_flush", lambda *_: None)
+    assert main(["check", "--requests", "30", "--users", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "row(s) of other users through the tenant filter" in out
+    assert "BREACH: a row for user 'reqscope-check-intruder' written by user" in out
+    assert "FAILED: isolation broke" in out
+
+
 def test_console_entry_point_and_module() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "reqscope", "check", "--requests", "30"],
@@ -106,3 +143,15 @@ def test_progress_bar(capsys) -> None:
     err = capsys.readouterr().err
     assert "[###############...............] 5/10" in err
     assert err.endswith("] 10/10\n")
+
+
+def test_version_has_one_source(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    import reqscope
+
+    assert version("reqscope") == reqscope.__version__  # the build reads __init__.py
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"reqscope {reqscope.__version__}"

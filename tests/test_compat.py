@@ -18,6 +18,7 @@ from reqscope import (
 pytestmark = pytest.mark.anyio
 
 
+@pytest.mark.skipif(_compat.FALLBACKS_FORCED, reason="the fair pool is the private path")
 def test_build_engine_uses_the_fair_pool(tmp_path) -> None:
     engine = build_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}")
     assert type(engine.pool) is _compat.fair_pool_class()
@@ -52,3 +53,63 @@ def test_pool_pre_ping_in_engine_kwargs_keeps_sqlalchemys_own_ping(tmp_path) -> 
     own = build_engine(url, pool_pre_ping=True)
     assert not event.contains(own.sync_engine, "connect", _pool._mark_fresh)
     assert own.pool._pre_ping
+
+
+def test_the_private_accesses_are_in_use_unless_fallbacks_are_forced() -> None:
+    from sqlalchemy.orm import Session
+
+    from reqscope import ReqscopeSession
+
+    forced = _compat.FALLBACKS_FORCED
+    own_statement_hook = ReqscopeSession._execute_internal is not Session._execute_internal
+    assert own_statement_hook is not forced
+    assert (_compat._TASK_STATES is None) is forced
+    assert (_compat.fair_pool_class() is AsyncAdaptedQueuePool) is forced
+    # aiosqlite before 0.22 has no force-stop (and no race to guard): its own connect is used
+    import aiosqlite
+
+    guarded = hasattr(aiosqlite.Connection, "stop") and not forced
+    assert (_compat.aiosqlite_connect() is not None) is guarded
+
+
+def test_the_isolation_suites_pass_with_every_fallback_forced(tmp_path) -> None:
+    """Run the session, enforcement and pool suites with REQSCOPE_COMPAT_FALLBACKS=1.
+
+    The servers the outer run uses (REQSCOPE_TEST_*_URL) are used here too.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if _compat.FALLBACKS_FORCED:
+        pytest.skip("already running with the fallbacks forced")
+    tests = Path(__file__).parent
+    suites = [
+        "test_compat.py",
+        "test_sessions.py",
+        "test_scope.py",
+        "test_leaks.py",
+        "test_tenancy.py",
+        "integrations/fastapi/test_identity.py",
+    ]
+    result = subprocess.run(  # noqa: S603 - this interpreter, the project's own tests
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            *(str(tests / suite) for suite in suites),
+        ],
+        env={**os.environ, "REQSCOPE_COMPAT_FALLBACKS": "1"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout

@@ -522,3 +522,76 @@ async def test_a_thousand_concurrent_tasks_never_see_each_other() -> None:
         for i in range(1000):
             group.start_soon(request, i)
     assert errors == []
+
+
+# -- frozen metadata: the mapping a context carries ----------------------------------------
+
+
+def test_frozen_metadata_is_a_read_only_mapping() -> None:
+    import pickle
+
+    ctx = UserExecutionContext.create("alice", metadata={"plan": "pro", "seats": 3})
+    metadata = ctx.metadata
+    assert len(metadata) == 2
+    assert "plan" in metadata
+    assert "nope" not in metadata
+    assert metadata == {"plan": "pro", "seats": 3}
+    assert metadata == UserExecutionContext.create("bob", metadata=dict(metadata)).metadata
+    assert metadata != ["plan", "seats"]
+    assert hash(metadata) == hash(metadata)  # computed once, then kept
+    assert repr(metadata) == "FrozenDict({'plan': 'pro', 'seats': 3})"
+    assert pickle.loads(pickle.dumps(metadata)) == metadata  # noqa: S301 - our own bytes
+    with pytest.raises(AttributeError, match="with_metadata"):
+        metadata.plan = "free"  # type: ignore[attr-defined]
+
+
+def test_metadata_must_be_a_mapping_and_not_too_deep() -> None:
+    with pytest.raises(ContextValidationError, match="must be a mapping, got list"):
+        UserExecutionContext.create("alice", metadata=[("a", 1)])  # type: ignore[arg-type]
+    nested: object = 1
+    for _ in range(20):
+        nested = [nested]
+    with pytest.raises(ContextValidationError, match="nested deeper than 16 levels"):
+        UserExecutionContext.create("alice", metadata={"deep": nested})
+
+
+def test_subclasses_of_plain_values_freeze_to_the_plain_value() -> None:
+    class Name(str):
+        __slots__ = ()
+
+    class Count(int):
+        pass
+
+    ctx = UserExecutionContext.create("alice", metadata={"name": Name("x"), "n": Count(2)})
+    assert type(ctx.metadata["name"]) is str
+    assert type(ctx.metadata["n"]) is int
+
+
+@pytest.mark.parametrize(
+    ("encoded", "message"),
+    [
+        ({"$uuid": 5}, r"\$uuid must hold a string"),
+        ({"$date": "not a date"}, r"invalid \$date value"),
+        ({"$oops": "x", "other": 1}, "unknown tag"),
+    ],
+)
+def test_bad_tags_in_serialized_metadata_are_refused(encoded, message) -> None:
+    data = UserExecutionContext.create("alice").to_dict()
+    data["metadata"] = {"key": encoded}
+    with pytest.raises(ContextValidationError, match=message):
+        UserExecutionContext.from_dict(data)
+
+
+def test_tagged_values_survive_serialization() -> None:
+    import uuid as uuid_module
+    from decimal import Decimal as Dec
+
+    value = {
+        "when": dt.date(2026, 12, 6),
+        "id": uuid_module.UUID(int=5),
+        "price": Dec("1.50"),
+        "blob": b"\x00\x01",
+        "$dollar": "kept",
+    }
+    ctx = UserExecutionContext.create("alice", metadata=value)
+    assert UserExecutionContext.from_dict(ctx.to_dict()).metadata == value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -36,5 +37,8 @@ def test_code_block_runs(where: str, code: str, tmp_path: Path) -> None:
         timeout=120,
         cwd=tmp_path,
         check=False,
+        # A page's suite runs on anyio's plugin; pytest-asyncio, installed for the plugin's
+        # own tests, warns at configure time when unconfigured, which -W error would fail.
+        env={**os.environ, "PYTEST_ADDOPTS": "-p no:asyncio"},
     )
     assert result.returncode == 0, f"{where} failed:\n{result.stderr[-3000:]}"

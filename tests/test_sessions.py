@@ -14,13 +14,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import anyio
 import pytest
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from models import Note, create_tables, drop_tables
 from reqscope import (
+    CircuitBreaker,
     IsolatedSessionFactory,
     IsolationViolation,
     NoActiveContextError,
+    PoolConfig,
     ReqscopeError,
     SessionScopeError,
     UserExecutionContext,
@@ -31,6 +34,9 @@ from reqscope import (
     use_context,
     validate_session_is_request_scoped,
 )
+from reqscope._compat import FALLBACKS_FORCED
+from reqscope.tenancy import TenantPolicy
+from reqscope.testing import assert_no_leaks
 
 pytestmark = pytest.mark.anyio
 
@@ -477,7 +483,7 @@ async def run_as(runner: str, request: Callable[[], Awaitable[None]]) -> None:
 
 def count_deadline_cleanups(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Record each cleanup that took the plain-asyncio path: the watchdog watched the task."""
-    from reqscope._scope import CleanupWatchdog
+    from reqscope._cleanup import CleanupWatchdog
 
     calls: list[bool] = []
     real = CleanupWatchdog.watch
@@ -528,14 +534,14 @@ async def test_a_hung_cleanup_is_cut_at_cleanup_timeout(
         await run_as(runner, request)
         assert anyio.current_time() - started < 5
         assert after_the_block == [True]
-        assert bool(deadline_cleanups) is (runner == "asyncio task")
+        assert bool(deadline_cleanups) is (runner == "asyncio task" and not FALLBACKS_FORCED)
         metrics = factory.metrics()
         assert metrics.cleanup_failures == 1
         assert_clean(factory)  # the connection was invalidated, its slot is free
         assert any("cleanup_timeout" in r.getMessage() for r in caplog.records)
         async with factory.session(alice) as session:  # and the factory still works
             assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
-        assert len(factory._cleanup_watchdog) == 0
+        assert len(factory._keeper.cleanup.watchdog) == 0
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
@@ -564,7 +570,7 @@ async def test_a_close_that_raises_is_logged_and_its_connection_invalidated(
 
         await run_as(runner, request)  # the request itself does not fail
         assert failed == [True]
-        assert bool(deadline_cleanups) is (runner == "asyncio task")
+        assert bool(deadline_cleanups) is (runner == "asyncio task" and not FALLBACKS_FORCED)
         assert factory.metrics().cleanup_failures == 1
         assert_clean(factory)  # invalidated: the slot is free, never returned half-reset
         [record] = [r for r in caplog.records if "failed; invalidating" in r.getMessage()]
@@ -573,7 +579,7 @@ async def test_a_close_that_raises_is_logged_and_its_connection_invalidated(
         assert record.user_id == alice.user_id  # type: ignore[attr-defined]
         async with factory.session(alice) as session:
             assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
-        assert len(factory._cleanup_watchdog) == 0
+        assert len(factory._keeper.cleanup.watchdog) == 0
 
 
 def swallowing_close(monkeypatch: pytest.MonkeyPatch, cut: asyncio.Event) -> None:
@@ -613,7 +619,7 @@ async def test_a_cleanup_that_swallows_the_cut_is_cut_again(
             await run_as(runner, request)
         assert factory.metrics().cleanup_failures == 1
         assert_clean(factory)
-        assert len(factory._cleanup_watchdog) == 0
+        assert len(factory._keeper.cleanup.watchdog) == 0
 
 
 @pytest.mark.skipif(
@@ -639,7 +645,7 @@ async def test_a_task_cancel_during_a_cut_cleanup_still_propagates(
         with pytest.raises(asyncio.CancelledError):
             await task
         assert_clean(factory)
-        assert len(factory._cleanup_watchdog) == 0
+        assert len(factory._keeper.cleanup.watchdog) == 0
         async with factory.session(alice) as session:
             assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
 
@@ -680,7 +686,8 @@ async def test_a_closed_factory_starts_again(database, alice, tables) -> None:
     for round_ in range(2):
         async with factory:
             assert not factory.closed
-            async with factory.begin(alice) as session:
+            # only the scope below may count as a leak, however slow a busy machine is
+            async with factory.begin(alice, max_lifetime=60) as session:
                 session.add(Note(user_id=alice.user_id, body=f"round {round_}"))
             scope = factory.session(alice)
             await scope.__aenter__()  # held past its lifetime: the detector must see it
@@ -820,6 +827,10 @@ async def _tables_factory(database) -> AsyncIterator[IsolatedSessionFactory]:
         await drop_tables(factory.engine)
 
 
+@pytest.mark.skipif(
+    FALLBACKS_FORCED,
+    reason="without reqscope's aiosqlite fix (a private access) this is aiosqlite's bug",
+)
 async def test_a_cancelled_sqlite_statement_leaves_no_close_that_never_ends(tmp_path, alice):
     # A statement cancelled while SQLite busy-waits for another writer: SQLAlchemy starts
     # a graceful aiosqlite close in a task of its own, then (cancelled again) force-stops
@@ -885,6 +896,151 @@ async def test_a_native_cancel_during_cleanup_still_unregisters_and_frees(databa
         finally:
             ReqscopeSession.close = real_close  # type: ignore[method-assign]
         assert_clean(factory)
-        assert len(factory._cleanup_watchdog) == 0
+        assert len(factory._keeper.cleanup.watchdog) == 0
         async with factory.session(alice) as session:  # the factory still works
             assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+
+
+# -- a COMMIT that SQLite refuses ---------------------------------------------------------
+
+
+@pytest.fixture
+async def deferred_sqlite(tmp_path) -> AsyncIterator[IsolatedSessionFactory]:
+    """A one-connection SQLite factory with a deferred foreign key."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'deferred.sqlite3'}"
+    pool = PoolConfig(pool_size=1, max_overflow=0, pool_timeout=5)
+    async with IsolatedSessionFactory(url, pool=pool) as factory:
+        async with factory.begin(UserExecutionContext.create("setup")) as session:
+            await session.execute(text("CREATE TABLE parents (id INTEGER PRIMARY KEY)"))
+            await session.execute(
+                text(
+                    "CREATE TABLE children (id INTEGER PRIMARY KEY, parent INTEGER "
+                    "REFERENCES parents(id) DEFERRABLE INITIALLY DEFERRED)"
+                )
+            )
+        yield factory
+
+
+async def _children(factory: IsolatedSessionFactory) -> list[int]:
+    async with factory.session(UserExecutionContext.create("reader")) as session:
+        return list((await session.scalars(text("SELECT id FROM children ORDER BY id"))).all())
+
+
+async def test_a_commit_sqlite_refused_leaves_nothing_for_the_next_request(
+    deferred_sqlite, alice
+) -> None:
+    # SQLite keeps the refused transaction open; SQLAlchemy believes it ended and skips its
+    # rollback on return, so without reqscope's hook the next request (same connection)
+    # reads the refused row.
+    factory = deferred_sqlite
+    async with factory.session(alice) as session:
+        await session.execute(text("INSERT INTO children (id, parent) VALUES (1, 99)"))
+        with pytest.raises(IntegrityError, match="FOREIGN KEY"):
+            await session.commit()
+    assert await _children(factory) == []
+    assert_no_leaks(factory)
+
+
+async def test_after_a_refused_commit_the_session_starts_afresh(deferred_sqlite, alice) -> None:
+    # Within the same session too: the next transaction does not carry the refused row.
+    factory = deferred_sqlite
+    async with factory.session(alice) as session:
+        await session.execute(text("INSERT INTO children (id, parent) VALUES (1, 99)"))
+        with pytest.raises(IntegrityError):
+            await session.commit()
+        await session.rollback()  # as SQLAlchemy asks after a failed commit
+        await session.execute(text("INSERT INTO parents (id) VALUES (7)"))
+        await session.execute(text("INSERT INTO children (id, parent) VALUES (2, 7)"))
+        await session.commit()
+    assert await _children(factory) == [2]
+
+
+async def test_a_refused_commit_that_cannot_be_rolled_back_invalidates_its_connection(
+    deferred_sqlite, alice, monkeypatch
+) -> None:
+    from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_connection
+
+    def broken_rollback(self: object) -> None:
+        raise RuntimeError("rollback failed")
+
+    factory = deferred_sqlite
+    async with factory.session(alice) as session:
+        await session.execute(text("INSERT INTO children (id, parent) VALUES (1, 99)"))
+        monkeypatch.setattr(AsyncAdapt_aiosqlite_connection, "rollback", broken_rollback)
+        with pytest.raises(IntegrityError):
+            await session.commit()
+        monkeypatch.undo()
+    assert await _children(factory) == []  # a new connection: the refused one is gone
+
+
+# -- the process-wide default factory and the settings a factory shows ---------------------
+
+
+async def test_the_default_factory(monkeypatch, tmp_path, alice) -> None:
+    import reqscope
+    import reqscope._sessions
+
+    monkeypatch.setattr(reqscope._sessions, "_default", None)
+    with pytest.raises(ReqscopeError, match=r"call reqscope.configure\(bind=...\)"):
+        reqscope.get_default_factory()
+    factory = reqscope.configure(f"sqlite+aiosqlite:///{tmp_path / 'default.db'}")
+    assert reqscope.get_default_factory() is factory
+    async with factory, reqscope.isolated_session(alice, max_lifetime=7.0) as session:
+        assert session.info["user_id"] == "alice"
+        assert [record.max_lifetime for record in factory.active_sessions()] == [7.0]
+    replacement = reqscope.configure()  # replaced, not closed
+    assert reqscope.get_default_factory() is replacement
+    await replacement.aclose()
+
+
+def test_a_factory_shows_its_settings() -> None:
+    breaker = CircuitBreaker()
+    policy = TenantPolicy(rls=False)
+    factory = IsolatedSessionFactory(
+        enforce_owner=False,
+        capture_stacks=True,
+        circuit_breaker=breaker,
+        cleanup_timeout=2.5,
+        tenant=policy,
+        max_session_lifetime=12.0,
+    )
+    assert not factory.enforce_owner
+    assert factory.capture_stacks
+    assert factory.circuit_breaker is breaker
+    assert factory.cleanup_timeout == 2.5
+    assert factory.tenant is policy
+    assert factory.max_session_lifetime == 12.0
+    assert factory.statement_timeout is None
+    with pytest.raises(AttributeError):
+        factory.enforce_owner = True  # type: ignore[misc]  # read-only: the keeper's
+
+
+def test_a_lifetime_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_session_lifetime must be positive"):
+        IsolatedSessionFactory(max_session_lifetime=0)
+
+
+def test_a_sync_session_class_must_carry_the_checks() -> None:
+    from sqlalchemy.orm import Session
+
+    with pytest.raises(ReqscopeError, match=r"must subclass reqscope\.ReqscopeSession"):
+        IsolatedSessionFactory(session_kwargs={"sync_session_class": Session})
+
+
+async def test_on_session_close_reports_and_survives_a_failing_observer(
+    factory, alice, caplog
+) -> None:
+    seen: list[str] = []
+    stop_failing = factory.on_session_close(lambda _record: 1 / 0)
+    stop = factory.on_session_close(lambda record: seen.append(record.user_id))
+    with caplog.at_level(logging.ERROR, logger="reqscope"):
+        async with factory.session(alice) as session:
+            await session.execute(text("SELECT 1"))
+    assert seen == ["alice"]
+    assert "a session observer failed" in caplog.text
+    stop()
+    stop()  # stopping twice is harmless
+    stop_failing()
+    async with factory.session(alice):
+        pass
+    assert seen == ["alice"]

@@ -36,6 +36,7 @@ from reqscope._health import HealthReport
 from reqscope._leaks import LeakDetector, LeakReport
 from reqscope._pool import PoolConfig, PoolStats, build_engine
 from reqscope._registry import FactoryMetrics, SessionRecord, SessionTags
+from reqscope._replicas import ReplicaStatus
 from reqscope._sessions import (
     IsolatedSessionFactory,
     configure,
@@ -59,6 +60,7 @@ from reqscope.exceptions import (
     SessionReclaimedError,
     SessionScopeError,
     TenancyConfigurationError,
+    TransactionConflictError,
     UserResolverError,
 )
 from reqscope.tenancy import TenancyReport, TenantPolicy, TenantScoped
@@ -94,6 +96,7 @@ __all__ = [
     "PoolConfig",
     "PoolExhaustedError",
     "PoolStats",
+    "ReplicaStatus",
     "ReqscopeError",
     "ReqscopeSession",
     "RequestTimeoutError",
@@ -108,6 +111,7 @@ __all__ = [
     "TenancyReport",
     "TenantPolicy",
     "TenantScoped",
+    "TransactionConflictError",
     "UserEventEmitter",
     "UserExecutionContext",
     "UserResolverError",

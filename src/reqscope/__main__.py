@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import anyio
 
+from reqscope import __version__
 from reqscope._check import CheckReport, run_check
 from reqscope.exceptions import ReqscopeError
 
@@ -19,15 +20,19 @@ PROGRESS_FROM = 200  # requests: below that a run is over before a bar helps
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reqscope", description="reqscope tools")
+    parser.add_argument("--version", action="version", version=f"reqscope {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser(
         "check",
         help="run a concurrent isolated workload and verify isolation",
         description=(
-            "Run a concurrent workload of many users through isolated sessions against a "
-            "table of its own (created and dropped by the check) and verify that no user saw "
-            "another's rows, no session leaked and no connection stayed checked out. Exits 1 "
-            "on any violation, 2 on a usage or connection error."
+            "Run a concurrent workload of many users through isolated sessions, with a tenant "
+            "filter, against a table of its own (created and dropped by the check). Every "
+            "request reads the table without a user filter of its own and must see only its "
+            "user's rows; probes then attempt what isolation must refuse (a session used by "
+            "another user, by a later request, after its block; a row written for another "
+            "user). Nothing may leak. Exits 1 on any breach or violation, 2 on a usage or "
+            "connection error."
         ),
     )
     check.add_argument("--database-url", help="async SQLAlchemy URL (default: embedded SQLite)")
@@ -69,10 +74,13 @@ def _render(report: CheckReport) -> str:
         ),
         (
             f"  leaked sessions {report.leaked_sessions}, connections checked out after "
-            f"{report.checked_out_after}, violations refused {report.isolation_violations}, "
+            f"{report.checked_out_after}, violations during the workload "
+            f"{report.isolation_violations}, "
             f"pool high-water mark {report.pool_high_water}"
         ),
+        f"  probes refused {report.probes_refused} of {report.probes}",
     ]
+    lines.extend(f"  BREACH: {breach}" for breach in report.breaches)
     lines.extend(f"  error: {error}" for error in report.errors)
     lines.extend(f"  warning: {warning}" for warning in report.warnings)
     lines.append(verdict)

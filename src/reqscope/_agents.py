@@ -35,7 +35,7 @@ __all__ = [
     "SharedStateWarning",
 ]
 
-logger = logging.getLogger("reqscope")
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 AgentFactory = Callable[..., Any]
@@ -299,10 +299,6 @@ class AgentScope:
     def agents(self) -> tuple[Any, ...]:
         """The agents created so far, in creation order."""
         return tuple(self._agents)
-
-    def owns(self, agent: object) -> bool:
-        """True when ``agent`` was created by this scope."""
-        return _owners.get(agent) is self
 
     def check(self, agent: object) -> None:
         """Raise :class:`IsolationViolation` unless ``agent`` belongs to this scope."""

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ErrorResponse", "PublicRoutes", "answer", "error_response", "serve"]
 
-logger = logging.getLogger("reqscope")
+logger = logging.getLogger(__name__)
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]

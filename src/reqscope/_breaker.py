@@ -23,7 +23,7 @@ from reqscope.exceptions import CircuitOpenError, DatabaseUnavailableError
 
 __all__ = ["CircuitBreaker", "CircuitState", "is_configuration_error", "is_connection_failure"]
 
-logger = logging.getLogger("reqscope")
+logger = logging.getLogger(__name__)
 
 
 class CircuitState(str, enum.Enum):

@@ -1,28 +1,39 @@
 """The isolation self-check behind ``reqscope check``.
 
-It runs a concurrent workload through an ``IsolatedSessionFactory`` against a table of its
-own (``reqscope_check_<random>``, created and dropped by the check, never a user table) and
-verifies: no request saw another user's rows, no request saw another request's *uncommitted*
-row, no session leaked and no connection stayed checked out.
+It runs a concurrent workload of many users through an ``IsolatedSessionFactory`` with a
+tenant policy, against a table of its own (``reqscope_check_<random>``, created and dropped
+by the check, never a user table), and verifies what it reports by attempting it:
+
+- every request reads the table **without** a user filter of its own: the tenant filter
+  must confine it to the user's rows, and no request may see another's uncommitted row;
+- after the workload, probes try what isolation must refuse: a session used by another
+  user, by a later request of the same user, after its block ended, and a row written for
+  another user. Each attempt that succeeds is a breach;
+- no session leaked and no connection stayed checked out.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import anyio
 import anyio.lowlevel
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, update
+from sqlalchemy import Integer, String, func, select, text, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from reqscope._context import UserExecutionContext
+from reqscope._context import UserExecutionContext, use_context
 from reqscope._enforcement import session_tags
 from reqscope._pool import PoolConfig
 from reqscope._sessions import IsolatedSessionFactory
+from reqscope.exceptions import IsolationViolation, SessionScopeError
+from reqscope.tenancy import TenantPolicy, TenantScoped
 
 __all__ = ["CheckReport", "run_check"]
 
@@ -49,12 +60,15 @@ class CheckReport:
     checked_out_after: int = 0
     isolation_violations: int = 0
     pool_high_water: int = 0
+    probes: int = 0
+    probes_refused: int = 0
+    breaches: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """True when every isolation property held and every request completed."""
+        """True when every property held, every probe was refused, every request completed."""
         return not (
             self.failed
             or self.foreign_rows_seen
@@ -63,6 +77,8 @@ class CheckReport:
             or self.leaked_sessions
             or self.checked_out_after
             or self.isolation_violations
+            or self.breaches
+            or self.probes_refused < self.probes
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,20 +86,41 @@ class CheckReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def _table(name: str) -> Table:
-    return Table(
-        name,
-        MetaData(),
-        Column("id", Integer, primary_key=True, autoincrement=True),
-        Column("user_id", String(64), nullable=False, index=True),
-        Column("request_id", String(64), nullable=False),
-        Column("status", String(16), nullable=False),
-    )
+def _model(table: str) -> type[Any]:
+    """A tenant-scoped model on ``table``, mapped in a registry of its own."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class CheckRow(TenantScoped, Base):
+        __tablename__ = table
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+        request_id: Mapped[str] = mapped_column(String(64))
+        status: Mapped[str] = mapped_column(String(16))
+
+    return CheckRow
 
 
 MAX_ERRORS_SHOWN = 5
 SERVER_POOL_SIZE = 10
 SQLITE_POOL_SIZE = 4
+PROBE_ROUNDS = 3
+INTRUDER = "reqscope-check-intruder"
+
+
+def _drop(_record: logging.LogRecord) -> bool:
+    return False
+
+
+@contextmanager
+def _quiet_refusals() -> Iterator[None]:
+    """Swallow the refusals the probes provoke (the check reports each one instead)."""
+    enforcement = logging.getLogger("reqscope._enforcement")
+    enforcement.addFilter(_drop)
+    try:
+        yield
+    finally:
+        enforcement.removeFilter(_drop)
 
 
 class _Workload:
@@ -92,7 +129,7 @@ class _Workload:
     def __init__(self, factory: IsolatedSessionFactory, report: CheckReport) -> None:
         self.factory = factory
         self.report = report
-        self.table = _table(f"reqscope_check_{os.urandom(6).hex()}")
+        self.row = _model(f"reqscope_check_{os.urandom(6).hex()}")
         self.setup = UserExecutionContext.create("reqscope-check")
         self.latencies: list[float] = []
         self.next_request = 0
@@ -100,16 +137,19 @@ class _Workload:
 
     async def create_table(self) -> None:
         # Through a session scope, so an unreachable server is a DatabaseUnavailableError.
+        metadata = self.row.metadata
         async with self.factory.begin(self.setup) as session:
-            await session.run_sync(lambda s: self.table.metadata.create_all(s.connection()))
+            await session.run_sync(lambda s: metadata.create_all(s.connection()))
 
     async def drop_table(self) -> None:
+        metadata = self.row.metadata
         with anyio.CancelScope(shield=True):
             async with self.factory.begin(self.setup) as session:
-                await session.run_sync(lambda s: self.table.metadata.drop_all(s.connection()))
+                await session.run_sync(lambda s: metadata.drop_all(s.connection()))
+        self.row.registry.dispose()  # no longer a mapped tenant table of this process
 
     async def request(self, n: int) -> None:
-        report, table, factory = self.report, self.table, self.factory
+        report, row, factory = self.report, self.row, self.factory
         user = f"check-user-{n % report.users}"
         ctx = UserExecutionContext.create(user)
         started = time.perf_counter()
@@ -119,17 +159,18 @@ class _Workload:
             stats = factory.pool_stats()
             if stats is not None:
                 report.pool_high_water = max(report.pool_high_water, stats.checked_out)
-            row = {"user_id": user, "request_id": ctx.request_id, "status": "pending"}
-            result = await session.execute(insert(table).values(**row))
-            (row_id,) = result.inserted_primary_key or (None,)  # type: ignore[attr-defined]
+            mine = row(user_id=user, request_id=ctx.request_id, status="pending")
+            session.add(mine)
+            await session.flush()
             await anyio.lowlevel.checkpoint()  # let other requests see this pending row
             # By primary key: an unindexed UPDATE takes range locks (InnoDB deadlocks).
-            await session.execute(update(table).where(table.c.id == row_id).values(status="done"))
+            await session.execute(update(row).where(row.id == mine.id).values(status="done"))
         async with factory.session(ctx) as session:
-            owners = await session.scalars(select(table.c.user_id).where(table.c.user_id == user))
+            # No user filter here: the tenant policy must add it.
+            owners = await session.scalars(select(row.user_id))
             report.foreign_rows_seen += sum(1 for owner in owners if owner != user)
             pending = await session.scalar(
-                select(func.count()).select_from(table).where(table.c.status == "pending")
+                select(func.count()).select_from(row).where(row.status == "pending")
             )
             report.uncommitted_rows_seen += int(pending or 0)
         self.latencies.append(time.perf_counter() - started)
@@ -150,13 +191,82 @@ class _Workload:
             if progress is not None:
                 progress(self.done, report.requests)
 
-    def finish(self) -> None:
+    async def probe(self, what: str, attempt: Callable[[], Any], refusal: type[Exception]) -> None:
+        """Run ``attempt``, which isolation must refuse with ``refusal``."""
+        self.report.probes += 1
+        try:
+            await attempt()
+        except refusal:
+            self.report.probes_refused += 1
+            return
+        self.report.breaches.append(f"{what} was allowed")
+
+    async def probes(self) -> None:
+        """Attempt what isolation must refuse, a few times over, and record what got through."""
+        for n in range(PROBE_ROUNDS):
+            await self.probe_round(f"check-user-{n % self.report.users}")
+
+    async def probe_round(self, user: str) -> None:
+        row, factory = self.row, self.factory
+        intruder = UserExecutionContext.create(INTRUDER)
+        ctx = UserExecutionContext.create(user)
+        later = UserExecutionContext.create(user)  # the same user's next request
+        select_one = text("SELECT 1")
+        async with factory.session(ctx) as session:
+
+            async def as_intruder() -> None:
+                with use_context(intruder):
+                    await session.execute(select_one)
+
+            async def in_later_request() -> None:
+                with use_context(later):
+                    await session.execute(select_one)
+
+            async def foreign_write() -> None:
+                session.add(row(user_id=INTRUDER, request_id=ctx.request_id, status="x"))
+                try:
+                    await session.flush()
+                finally:
+                    await session.rollback()
+
+            await self.probe(
+                f"user {user!r}'s session used by user {INTRUDER!r}",
+                as_intruder,
+                IsolationViolation,
+            )
+            await self.probe(
+                f"user {user!r}'s session used by a later request of the same user",
+                in_later_request,
+                IsolationViolation,
+            )
+            await self.probe(
+                f"a row for user {INTRUDER!r} written by user {user!r}",
+                foreign_write,
+                IsolationViolation,
+            )
+
+        async def after_block() -> None:
+            try:
+                await session.execute(select_one)
+            finally:  # if it was allowed, it took a connection: give it back
+                await session.close()
+
+        await self.probe(
+            f"user {user!r}'s session used after its block ended", after_block, SessionScopeError
+        )
+
+    def finish(self, violations_before_probes: int) -> None:
         report = self.report
         metrics = self.factory.metrics()
         report.leaked_sessions = metrics.active_sessions + metrics.leaks_detected
         report.checked_out_after = metrics.pool.checked_out if metrics.pool else 0
-        report.isolation_violations = metrics.isolation_violations + metrics.scope_violations
+        report.isolation_violations = violations_before_probes
         report.throughput = report.completed / report.seconds if report.seconds else 0.0
+        if report.foreign_rows_seen:
+            report.breaches.append(
+                f"requests read {report.foreign_rows_seen} row(s) of other users through "
+                "the tenant filter"
+            )
         if self.latencies:
             ordered = sorted(self.latencies)
             report.p50_ms = statistics.median(ordered) * 1000
@@ -172,7 +282,7 @@ async def run_check(
     pool_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> CheckReport:
-    """Run the workload and return the report (database errors propagate to the caller).
+    """Run the workload and the probes, and return the report (database errors propagate).
 
     ``pool_size`` defaults to 10 connections, or 4 on SQLite: SQLite lets one transaction
     write at a time and the others poll in its busy handler, unfairly, so more connections
@@ -189,7 +299,13 @@ async def run_check(
     if min(users, requests, concurrency, pool_size) < 1:
         raise ValueError("--users, --requests, --concurrency and --pool-size must be >= 1")
     pool = PoolConfig(pool_size=pool_size, max_overflow=0, pool_timeout=60.0)
-    factory = IsolatedSessionFactory(database_url, pool=pool, max_session_lifetime=120.0)
+    factory = IsolatedSessionFactory(
+        database_url,
+        pool=pool,
+        max_session_lifetime=120.0,
+        # The check's own table has no row-level security policy: ORM tenant filters only.
+        tenant=TenantPolicy(rls=False),
+    )
     shown = factory.engine.url.render_as_string(hide_password=True)
     workload = _Workload(factory, CheckReport(shown, users, requests, concurrency, pool_size))
     async with factory:
@@ -200,8 +316,12 @@ async def run_check(
                 for _ in range(min(concurrency, requests)):
                     group.start_soon(workload.worker, progress)
             workload.report.seconds = time.perf_counter() - started
+            metrics = factory.metrics()
+            violations = metrics.isolation_violations + metrics.scope_violations
+            with _quiet_refusals():
+                await workload.probes()
         finally:
             await workload.drop_table()
         workload.report.warnings = list((await factory.health()).warnings)
-        workload.finish()
+        workload.finish(violations)
     return workload.report

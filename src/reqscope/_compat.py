@@ -1,29 +1,63 @@
-"""Where reqscope relies on another library's private internals, each with a fallback.
+"""Every place reqscope relies on another library's private internals, each with a fallback.
 
-Every such access lives here, says what it buys, and falls back to public behaviour when
-the internal is gone; ``tests/test_compat.py`` runs each fallback.
+Each access lives here, says what it buys, and falls back to public behaviour when the
+internal is gone. Setting ``REQSCOPE_COMPAT_FALLBACKS=1`` in the environment before reqscope
+is imported forces every fallback at once; ``tests/test_compat.py`` runs the isolation suites
+that way, so each fallback is exercised, not just written.
 
-- SQLAlchemy's async pool keeps its idle connections in a queue made by the class
-  attribute ``AsyncAdaptedQueuePool._queue_class`` (a ``sqlalchemy.util.queue.QueueCommon``,
-  whose ``get`` and ``put`` the pool calls), and the pool's instance in ``pool._pool``.
-  reqscope's pool puts a :class:`~reqscope._handoff.HandoffQueue` there, so waiting
-  checkouts are served in order (issue: a task returning a connection took it straight
+- **SQLAlchemy's pool queue** (``AsyncAdaptedQueuePool._queue_class``, the pool's
+  ``_pool``): reqscope's pool puts a :class:`~reqscope._handoff.HandoffQueue` there, so
+  waiting checkouts are served in order (a task returning a connection took it straight
   back, and others timed out on a busy but healthy pool). Fallback: SQLAlchemy's own pool,
   whose waiters are not served in order, and no wait figures in ``PoolStats``.
+- **SQLAlchemy's ``Session._execute_internal``**, the one method every statement of a
+  session passes through: reqscope checks the session's owner there. Fallback: the public
+  ``do_orm_execute`` event, which makes SQLAlchemy build an ``ORMExecuteState`` for every
+  statement (slower, same checks).
+- **anyio's per-task records** (``anyio._backends._asyncio._task_states``): whether anyio
+  can cancel a task at all. A request that a server such as uvicorn runs in a plain asyncio
+  task then closes its session without an anyio shield scope, which would only cost.
+  Fallback: every task counts as cancellable by anyio, and every close runs in a shield.
+- **SQLAlchemy's ``QueuePool._max_overflow``**, for a pool's capacity in ``PoolStats``.
+  Fallback: the overflow of pools :func:`~reqscope.build_engine` made, else the overflow in
+  use now (a lower bound).
+- **aiosqlite's ``Connection._running``/``_thread``**, to make a second ``stop()`` of a
+  connection a no-op (otherwise a cancelled statement can leave a task that never ends).
+  Fallback: aiosqlite as it is.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import asyncio
+import functools
+import os
+import weakref
+from typing import TYPE_CHECKING, Any, Final
 
+from sqlalchemy import event
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import AsyncAdaptedQueuePool, Pool
 
 from reqscope._handoff import HandoffQueue
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sqlalchemy.util.queue import QueueCommon
 
-__all__ = ["fair_pool_class", "handoff_queue_of"]
+__all__ = [
+    "FALLBACKS_FORCED",
+    "add_statement_check",
+    "aiosqlite_connect",
+    "anyio_may_cancel",
+    "fair_pool_class",
+    "handoff_queue_of",
+    "pool_max_overflow",
+    "remember_max_overflow",
+]
+
+#: Every fallback below is in use (``REQSCOPE_COMPAT_FALLBACKS=1``): for tests.
+FALLBACKS_FORCED: Final = os.environ.get("REQSCOPE_COMPAT_FALLBACKS") == "1"
 
 
 def _pool_queue_class() -> type[QueueCommon[Any]] | None:  # noqa: C901 - one adapter class of one-line methods
@@ -77,7 +111,7 @@ def _pool_queue_class() -> type[QueueCommon[Any]] | None:  # noqa: C901 - one ad
 
 def _make_fair_pool_class() -> type[Pool] | None:
     """An ``AsyncAdaptedQueuePool`` over a :class:`HandoffQueue`; None if it cannot be made."""
-    made = _pool_queue_class()
+    made = None if FALLBACKS_FORCED else _pool_queue_class()
     if made is None or not hasattr(AsyncAdaptedQueuePool, "_queue_class"):
         return None  # pragma: no cover - forced in tests through _FAIR_POOL_CLASS
     queue_class: type[QueueCommon[Any]] = made  # narrowed, for the class body below
@@ -103,3 +137,126 @@ def handoff_queue_of(pool: Pool) -> HandoffQueue[Any] | None:
     queue = getattr(pool, "_pool", None)
     handoff = getattr(queue, "handoff", None)
     return handoff if isinstance(handoff, HandoffQueue) else None
+
+
+# -- the statement check ------------------------------------------------------------------
+
+
+def add_statement_check(cls: type[Session], check: Callable[[Session], None]) -> None:
+    """Make every statement a session of ``cls`` executes call ``check(session)`` first.
+
+    ``check`` raises to refuse the statement. Through ``Session._execute_internal`` when
+    SQLAlchemy has it (one call per statement); else through the public ``do_orm_execute``
+    event, which also sees every statement ``Session.execute`` runs (ORM or Core, lazy
+    loads, ``get``, refreshes) but makes SQLAlchemy build an ``ORMExecuteState`` for each.
+    """
+    if not FALLBACKS_FORCED and hasattr(Session, "_execute_internal"):
+
+        def _execute_internal(self: Session, *args: Any, **kwargs: Any) -> Any:
+            check(self)
+            return super(cls, self)._execute_internal(*args, **kwargs)  # type: ignore[misc]
+
+        cls._execute_internal = _execute_internal  # type: ignore[method-assign]
+        return
+
+    def on_execute(state: Any) -> None:
+        check(state.session)
+
+    event.listen(cls, "do_orm_execute", on_execute)
+
+
+# -- anyio's task records -----------------------------------------------------------------
+
+
+def _anyio_task_states() -> Any:
+    """Anyio's records of the asyncio tasks inside its cancel scopes; None if unreadable."""
+    if FALLBACKS_FORCED:
+        return None
+    try:
+        from anyio._backends import _asyncio as backend  # noqa: PLC0415 - private, guarded
+    except ImportError:  # pragma: no cover - a future anyio
+        return None
+    states = getattr(backend, "_task_states", None)
+    record = getattr(backend, "TaskState", None)
+    if not isinstance(states, weakref.WeakKeyDictionary) or "cancel_scope" not in getattr(
+        record, "__slots__", ()
+    ):  # pragma: no cover - a future anyio
+        return None
+    return states
+
+
+_TASK_STATES: Final = _anyio_task_states()
+
+
+def anyio_may_cancel(task: asyncio.Task[Any]) -> bool:
+    """Whether anyio can cancel ``task``: it runs inside one of anyio's cancel scopes.
+
+    A task outside every anyio scope (as ASGI servers run requests) can only be cancelled
+    by ``Task.cancel()``. Fallback: True (always safe: the caller then uses an anyio shield).
+    """
+    if _TASK_STATES is None:
+        return True
+    record = _TASK_STATES.get(task)
+    return record is not None and record.cancel_scope is not None
+
+
+# -- pool capacity ------------------------------------------------------------------------
+
+# pool -> max_overflow, for pools build_engine made (the fallback's source)
+_MAX_OVERFLOW: weakref.WeakKeyDictionary[Pool, int] = weakref.WeakKeyDictionary()
+
+
+def remember_max_overflow(pool: Pool, max_overflow: int) -> None:
+    """Record the ``max_overflow`` a pool was made with (:func:`~reqscope.build_engine`)."""
+    _MAX_OVERFLOW[pool] = max_overflow
+
+
+def pool_max_overflow(pool: Pool) -> int | None:
+    """How many connections ``pool`` may open beyond its size; None when unknown."""
+    value = None if FALLBACKS_FORCED else getattr(pool, "_max_overflow", None)
+    if isinstance(value, int):
+        return value
+    return _MAX_OVERFLOW.get(pool)
+
+
+# -- aiosqlite ----------------------------------------------------------------------------
+
+
+@functools.cache
+def aiosqlite_connect() -> Callable[..., Any] | None:
+    """``aiosqlite.connect`` whose connections tell their worker thread to stop only once.
+
+    When a statement is cancelled while SQLite busy-waits, SQLAlchemy starts a graceful
+    ``close()`` in a task of its own and, cancelled again, force-stops the worker thread.
+    aiosqlite's ``close()`` then queues a second stop on the exited thread and awaits it
+    forever: a task that never ends, and an event loop that cannot shut down. Here a
+    second ``stop()`` returns nothing to wait for. None: use aiosqlite's own ``connect``.
+    """
+    if FALLBACKS_FORCED:
+        return None
+    try:
+        import sqlite3  # noqa: PLC0415 - some Python builds lack it
+
+        import aiosqlite  # noqa: PLC0415 - an optional extra
+    except ImportError:
+        return None
+    if not hasattr(aiosqlite.Connection, "stop"):  # before 0.22: no force-stop, no race
+        return None
+
+    class StopOnceConnection(aiosqlite.Connection):
+        def stop(self) -> asyncio.Future[Any] | None:
+            if not getattr(self, "_running", True):  # a stop is queued; the thread ends after it
+                return None
+            return super().stop()
+
+    def connect(database: Any, *, iter_chunk_size: int = 64, **kwargs: Any) -> Any:
+        location = database.decode() if isinstance(database, bytes) else str(database)
+        connection = StopOnceConnection(
+            functools.partial(sqlite3.connect, location, **kwargs), iter_chunk_size
+        )
+        thread = getattr(connection, "_thread", None)
+        if thread is not None:  # as SQLAlchemy does: never keep the process alive
+            thread.daemon = True
+        return connection
+
+    return connect

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OVERFLOW_CLOSE_CODE", "ConnectionStats", "serve_connection"]
 
-logger = logging.getLogger("reqscope")
+logger = logging.getLogger(__name__)
 
 OVERFLOW_CLOSE_CODE: Final = 1013  # "Try Again Later": the client fell behind its events
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ConsumeStats", "FailedMessage", "consume"]
 
-logger = logging.getLogger("reqscope")
+logger = logging.getLogger(__name__)
 
 M = TypeVar("M")
 

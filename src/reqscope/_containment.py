@@ -17,7 +17,7 @@ from reqscope.exceptions import RequestTimeoutError
 
 __all__ = ["RunResult", "gather_isolated", "run_isolated"]
 
-logger = logging.getLogger("reqscope")
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RunStatus = Literal["ok", "error", "timeout"]

@@ -14,8 +14,8 @@ import json
 import os
 import threading
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import KW_ONLY, dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import KW_ONLY, dataclass, field, fields
 from types import TracebackType
 from typing import Any, Final
 
@@ -122,7 +122,7 @@ def undisplayable(value: str) -> str | None:
 class _Lineage:
     """The identity of one request, shared by the contexts derived from its root context."""
 
-    __slots__ = ()
+    __slots__ = ("__weakref__",)  # what a request wrote is remembered until it is gone
 
 
 class _RandomHex:
@@ -327,55 +327,39 @@ class UserExecutionContext:
         now = _utcnow()
         request_id = fresh[64:] if request_id is None else validate_id("request_id", request_id)
         return cls._trusted(
-            validate_id("user_id", user_id),
-            fresh[:32] if thread_id is None else validate_id("thread_id", thread_id),
-            fresh[32:64] if run_id is None else validate_id("run_id", run_id),
-            request_id,
-            None
+            user_id=validate_id("user_id", user_id),
+            thread_id=fresh[:32] if thread_id is None else validate_id("thread_id", thread_id),
+            run_id=fresh[32:64] if run_id is None else validate_id("run_id", run_id),
+            request_id=request_id,
+            websocket_client_id=None
             if websocket_client_id is None
             else validate_id("websocket_client_id", websocket_client_id),
-            None,
-            request_id,
-            0,
-            now,
-            EMPTY if metadata is None else freeze_mapping(metadata),
-            (_event(now, "created", ""),),
-            _Lineage(),
+            parent_request_id=None,
+            root_request_id=request_id,
+            operation_depth=0,
+            created_at=now,
+            metadata=EMPTY if metadata is None else freeze_mapping(metadata),
+            audit_trail=(_event(now, "created", ""),),
+            _lineage=_Lineage(),
         )
 
     @classmethod
-    def _trusted(  # noqa: PLR0917 - private positional fast path, called in three places
-        cls,
-        user_id: str,
-        thread_id: str,
-        run_id: str,
-        request_id: str,
-        websocket_client_id: str | None,
-        parent_request_id: str | None,
-        root_request_id: str,
-        operation_depth: int,
-        created_at: dt.datetime,
-        metadata: Mapping[str, Any],
-        audit_trail: tuple[AuditEvent, ...],
-        lineage: _Lineage,
-    ) -> Self:
-        # Every argument is already validated: skip __init__/__post_init__, which would
-        # validate it all again (this halves the cost of create() and child()).
+    def _trusted(cls, **values: Any) -> Self:
+        """A context of ``values``, every field given and already validated.
+
+        Skips ``__init__``/``__post_init__``, which would validate them all again (this
+        halves the cost of :meth:`create` and :meth:`child`).
+        """
         self = object.__new__(cls)
-        # The slots' own setters: object.__setattr__ would look each name up on the type.
-        _set_user_id(self, user_id)
-        _set_thread_id(self, thread_id)
-        _set_run_id(self, run_id)
-        _set_request_id(self, request_id)
-        _set_websocket_client_id(self, websocket_client_id)
-        _set_parent_request_id(self, parent_request_id)
-        _set_root_request_id(self, root_request_id)
-        _set_operation_depth(self, operation_depth)
-        _set_created_at(self, created_at)
-        _set_metadata(self, metadata)
-        _set_audit_trail(self, audit_trail)
-        _set_lineage(self, lineage)
+        for name in _FIELD_NAMES:
+            object.__setattr__(self, name, values[name])
         return self
+
+    def _derived(self, **changes: Any) -> Self:
+        """This context with ``changes`` (already validated) applied: the same request."""
+        values = {name: getattr(self, name) for name in _FIELD_NAMES}
+        values.update(changes)
+        return self._trusted(**values)
 
     def _audited(self, action: str, detail: str, now: dt.datetime) -> tuple[AuditEvent, ...]:
         trail = (*self.audit_trail, _event(now, action, detail))
@@ -407,36 +391,20 @@ class UserExecutionContext:
                 f"limit is {MAX_OPERATION_DEPTH}: look for unbounded recursion",
             )
         now = _utcnow()
-        return self._trusted(
-            self.user_id,
-            self.thread_id,
-            self.run_id,
-            new_id(),
-            self.websocket_client_id,
-            self.request_id,
-            self.root_request_id,
-            self.operation_depth + 1,
-            now,
-            self._merged(metadata),
-            self._audited("child", operation, now),
-            self._lineage,
+        return self._derived(
+            request_id=new_id(),
+            parent_request_id=self.request_id,
+            operation_depth=self.operation_depth + 1,
+            created_at=now,
+            metadata=self._merged(metadata),
+            audit_trail=self._audited("child", operation, now),
         )
 
     def with_metadata(self, **metadata: Any) -> Self:
         """Return a copy of this context (same ids, same request) with ``metadata`` merged in."""
-        return self._trusted(
-            self.user_id,
-            self.thread_id,
-            self.run_id,
-            self.request_id,
-            self.websocket_client_id,
-            self.parent_request_id,
-            self.root_request_id,
-            self.operation_depth,
-            self.created_at,
-            self._merged(metadata),
-            self._audited("with_metadata", ",".join(sorted(metadata)), _utcnow()),
-            self._lineage,
+        return self._derived(
+            metadata=self._merged(metadata),
+            audit_trail=self._audited("with_metadata", ",".join(sorted(metadata)), _utcnow()),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -549,44 +517,11 @@ def _text(value: str | bytes) -> str:
 
 
 def _event(at: dt.datetime, action: str, detail: str) -> AuditEvent:
-    # Trusted fast path for events reqscope itself records (no re-validation).
-    event = object.__new__(AuditEvent)
-    _set_at(event, at)
-    _set_action(event, action)
-    _set_detail(event, detail)
-    return event
+    return AuditEvent(at=at, action=action, detail=detail)
 
 
-def _slot_setters(cls: type, *names: str) -> tuple[Callable[[object, object], None], ...]:
-    """The ``__set__`` of each named slot of ``cls``, for trusted fast construction."""
-    return tuple(vars(cls)[name].__set__ for name in names)
-
-
-_set_at, _set_action, _set_detail = _slot_setters(AuditEvent, "at", "action", "detail")
-(
-    _set_user_id,
-    _set_thread_id,
-    _set_run_id,
-    _set_request_id,
-    _set_websocket_client_id,
-    _set_parent_request_id,
-    _set_root_request_id,
-    _set_operation_depth,
-    _set_created_at,
-    _set_metadata,
-    _set_audit_trail,
-    _set_lineage,
-) = _slot_setters(
-    UserExecutionContext,
-    *_ID_FIELDS,
-    *_OPTIONAL_ID_FIELDS,
-    _ROOT,
-    "operation_depth",
-    "created_at",
-    "metadata",
-    "audit_trail",
-    "_lineage",
-)
+# Every field of a context, including the lineage (not an __init__ argument).
+_FIELD_NAMES: Final = tuple(item.name for item in fields(UserExecutionContext))
 
 
 def log_fields(ctx: UserExecutionContext) -> dict[str, str]:
@@ -610,19 +545,9 @@ def identified(ctx: UserExecutionContext, user_id: str) -> UserExecutionContext:
     """
     user_id = validate_id("user_id", user_id)
     now = _utcnow()
-    return ctx._trusted(  # noqa: SLF001 - the same module
-        user_id,
-        ctx.thread_id,
-        ctx.run_id,
-        ctx.request_id,
-        ctx.websocket_client_id,
-        ctx.parent_request_id,
-        ctx.root_request_id,
-        ctx.operation_depth,
-        ctx.created_at,
-        ctx.metadata,
-        ctx._audited("identified", f"was {ctx.user_id}", now),  # noqa: SLF001
-        ctx._lineage,  # noqa: SLF001
+    return ctx._derived(  # noqa: SLF001 - the same module
+        user_id=user_id,
+        audit_trail=ctx._audited("identified", f"was {ctx.user_id}", now),  # noqa: SLF001
     )
 
 
@@ -634,6 +559,15 @@ def same_request(ctx: UserExecutionContext, other: UserExecutionContext) -> bool
     with the same ids (a request id can come from a client header, so it proves nothing).
     """
     return ctx._lineage is other._lineage  # noqa: SLF001 - the same class
+
+
+def request_token(ctx: UserExecutionContext) -> object:
+    """An object that stands for ``ctx``'s request (see :func:`same_request`).
+
+    Weakly referenceable: kept in a ``WeakSet``, it is forgotten once the request's last
+    context is gone.
+    """
+    return ctx._lineage  # noqa: SLF001 - the same module
 
 
 _current: Final[contextvars.ContextVar[UserExecutionContext | None]] = contextvars.ContextVar(

@@ -26,12 +26,11 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
-from sqlalchemy.util import memoized_property
 
+from reqscope._compat import add_statement_check
 from reqscope._context import _current, same_request
 from reqscope._registry import Entry, EntryState, SessionTags
 from reqscope.exceptions import (
-    DatabaseBusyError,
     IsolationViolation,
     SessionReclaimedError,
     SessionScopeError,
@@ -42,10 +41,10 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Result
 
     from reqscope._context import UserExecutionContext
-    from reqscope._sessions import IsolatedSessionFactory
 
 __all__ = [
     "ReqscopeSession",
+    "attach_record",
     "hand_over",
     "mark_session_as_global",
     "reclaimed_error",
@@ -53,7 +52,7 @@ __all__ = [
     "validate_session_is_request_scoped",
 ]
 
-logger = logging.getLogger("reqscope")
+logger = logging.getLogger(__name__)
 
 _TAG_KEYS: Final = (
     "user_id",
@@ -70,27 +69,31 @@ _TAG_KEYS: Final = (
 _ACTIVE: Final = EntryState.ACTIVE
 
 
-def _lookup(session: Session) -> Entry | None:
-    return getattr(session, "_reqscope_entry", None)
-
-
 class ReqscopeSession(Session):
     """The sync ``Session`` class behind every factory-made ``AsyncSession``.
 
     It exists so that reqscope's checks apply to reqscope's sessions only: every statement
-    is checked in ``_execute_internal``, and a connection handed out by ``connection()`` is
-    checked on each of its own executions.
+    is checked before SQLAlchemy runs it (:func:`~reqscope._compat.add_statement_check`),
+    and a connection handed out by ``connection()`` is checked on each of its own
+    executions.
     """
 
     _reqscope_entry: Entry | None = None
+    _reqscope_info: dict[Any, Any]  # the info dict, once made
 
-    @memoized_property
+    @property
     def info(self) -> dict[Any, Any]:
-        # Made on first use, with the owner tags of a factory-made session: building them
-        # eagerly for every request would cost more than a Python call, for a dict most
-        # requests never read.
-        entry = self._reqscope_entry
-        return {} if entry is None else entry.tags()
+        """``Session.info``; for a factory-made session it starts with the owner tags.
+
+        Made on first use: building the tags for every request would cost a request more
+        than a Python call, for a dict most requests never read.
+        """
+        try:
+            return self._reqscope_info
+        except AttributeError:
+            entry = self._reqscope_entry
+            info = self._reqscope_info = {} if entry is None else entry.tags()
+            return info
 
     def connection(self, *args: Any, **kwargs: Any) -> Connection:
         entry = self._reqscope_entry
@@ -98,32 +101,30 @@ class ReqscopeSession(Session):
             return super().connection(*args, **kwargs)
         _check(entry, "connection")
         conn = super().connection(*args, **kwargs)
-        guard = getattr(entry, "connection_guard", None)
+        guard = entry.connection_guard
         if guard is None:
             guard = entry.connection_guard = functools.partial(_guard_connection, entry)
         if not event.contains(conn, "before_execute", guard):
             event.listen(conn, "before_execute", guard)
         return conn
 
-    if hasattr(Session, "_execute_internal"):
 
-        def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
-            entry = self._reqscope_entry
-            # _check(entry, "execute"), written out: this runs for every statement
-            if entry is not None and (
-                entry.state is not _ACTIVE or _current.get() is not entry.ctx
-            ):
-                _enforce(entry, "execute")
-            return super()._execute_internal(*args, **kwargs)
+def _check_statement(session: Session) -> None:
+    """Before every statement of a :class:`ReqscopeSession`: refuse it unless legal here."""
+    entry: Entry | None = session._reqscope_entry  # type: ignore[attr-defined]  # noqa: SLF001 - our subclass
+    if entry is not None:
+        _check(entry, "execute")
 
 
-if not hasattr(Session, "_execute_internal"):  # pragma: no cover - a future SQLAlchemy
+add_statement_check(ReqscopeSession, _check_statement)
 
-    @event.listens_for(ReqscopeSession, "do_orm_execute")
-    def _check_orm_execute(state: ORMExecuteState) -> None:
-        entry: Entry | None = state.session._reqscope_entry  # type: ignore[attr-defined]  # noqa: SLF001
-        if entry is not None:
-            _check(entry, "execute")
+
+def attach_record(session: AsyncSession, entry: Entry) -> None:
+    """Point a new factory-made ``session`` at its record ``entry``, for its checks and tags."""
+    sync_session = session.sync_session
+    sync_session._reqscope_entry = entry  # type: ignore[attr-defined]  # noqa: SLF001 - our subclass
+    if hasattr(sync_session, "_reqscope_info"):  # made already (info= given): tag it now
+        sync_session.info.update(entry.tags())
 
 
 def _guard_connection(entry: Entry, _conn: Connection, *_args: object) -> None:
@@ -132,12 +133,7 @@ def _guard_connection(entry: Entry, _conn: Connection, *_args: object) -> None:
 
 
 def _check(entry: Entry, operation: str) -> None:
-    """Pass when a live session is used by the context that opened it; else :func:`_enforce`.
-
-    The fast path (the current context is the scope's own) runs on every statement, so it
-    is one expression; ``ReqscopeSession._execute_internal`` writes the same test out (a
-    call per statement saved): change both together.
-    """
+    """Pass when a live session is used by the context that opened it; else :func:`_enforce`."""
     if entry.state is not _ACTIVE or _current.get() is not entry.ctx:
         _enforce(entry, operation)
 
@@ -149,15 +145,14 @@ def _enforce(entry: Entry, operation: str) -> None:
     derived from it: ``same_request``), and by anyone when the factory does not enforce
     owners; any other current context, or none, is an :class:`IsolationViolation`.
     """
+    keeper = entry.keeper
     if entry.state is EntryState.ACTIVE:
-        factory: IsolatedSessionFactory = entry.owner
         current = _current.get()
-        if not factory.enforce_owner or (current is not None and same_request(current, entry.ctx)):
+        if not keeper.enforce_owner or (current is not None and same_request(current, entry.ctx)):
             return
-        factory._registry.isolation_violations += 1  # noqa: SLF001 - the factory's own counter
+        keeper.registry.isolation_violations += 1
         raise _isolation_violation(entry, operation, current)
-    factory = entry.owner
-    factory._registry.scope_violations += 1  # noqa: SLF001
+    keeper.registry.scope_violations += 1
     ctx = entry.ctx
     error: SessionScopeError
     if entry.state is EntryState.RECLAIMED:
@@ -254,11 +249,7 @@ def _on_begin(session: Session, _transaction: SessionTransaction, connection: Co
     if entry is None:
         return
     if entry.connection is None:  # its first connection (kept until the scope ends)
-        breaker = entry.owner.circuit_breaker
-        # A circuit that is not closed has failures too (CircuitBreaker): one test, and no
-        # call when there is nothing to reset.
-        if breaker._failures:  # noqa: SLF001
-            breaker.record_success()
+        entry.keeper.breaker.record_success()
     entry.connection = connection
     if entry.statement_timeout is not None:  # PostgreSQL only (checked by the factory)
         milliseconds = max(1, round(entry.statement_timeout * 1000))
@@ -293,46 +284,9 @@ def tenant_session_class(base: type[ReqscopeSession]) -> type[ReqscopeSession]:
     return cls
 
 
-def _on_handle_error(context: Any) -> BaseException | None:
-    original = context.original_exception
-    if "database is locked" in str(original) and context.dialect.name == "sqlite":
-        return DatabaseBusyError(
-            "SQLite reported 'database is locked': another transaction held the write lock "
-            "past the busy timeout; keep write transactions short, retry, or use a server "
-            "database for concurrent writers"
-        )
-    return None
-
-
-_PID_KEY: Final = "reqscope.backend_pid"
-
-
-def _remember_backend_pid(_dbapi_connection: object, record: Any) -> None:
-    """``connect`` listener: note the PostgreSQL backend pid of each new connection.
-
-    Read once per physical connection (no I/O), so that a cancelled statement can still be
-    cancelled server-side after the driver has closed its end.
-    """
-    driver = record.driver_connection
-    get_pid = getattr(driver, "get_server_pid", None)  # asyncpg
-    pid = (
-        get_pid()
-        if get_pid is not None
-        else getattr(getattr(driver, "info", None), "backend_pid", None)
-    )
-    if pid:
-        record.info[_PID_KEY] = int(pid)
-
-
-def _invalidate(conn: Connection) -> None:
-    """Drop ``conn`` from the pool for good, without I/O (frees the slot)."""
-    if not conn.closed and not conn.invalidated:
-        conn.invalidate()
-
-
 def _entry_of(session: AsyncSession | Session) -> Entry | None:
     sync = session.sync_session if isinstance(session, AsyncSession) else session
-    return _lookup(sync)
+    return getattr(sync, "_reqscope_entry", None)
 
 
 def session_tags(session: AsyncSession | Session) -> SessionTags:

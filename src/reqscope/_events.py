@@ -20,7 +20,7 @@ from reqscope.exceptions import IsolationViolation, ReqscopeError
 
 __all__ = ["Event", "EventChannel", "EventHub", "HubStats", "UserEventEmitter"]
 
-logger = logging.getLogger("reqscope")
+logger = logging.getLogger(__name__)
 
 Overflow = Literal["drop_oldest", "disconnect"]
 

@@ -8,19 +8,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from reqscope._breaker import CircuitState
-from reqscope._pool import PoolStats, _connect_args, _sqlite_pragmas
+from reqscope._pool import PoolStats, connect_args, sqlite_pragmas
 
 if TYPE_CHECKING:
-    from reqscope._sessions import IsolatedSessionFactory
+    from sqlalchemy.engine import URL
 
-__all__ = ["HealthReport", "check_health"]
+    from reqscope._registry import FactoryMetrics
 
-logger = logging.getLogger("reqscope")
+__all__ = ["HealthProbe", "HealthReport"]
+
+logger = logging.getLogger(__name__)
 
 HealthStatus = Literal["ok", "degraded", "down"]
 
@@ -58,60 +60,71 @@ class HealthReport:
         }
 
 
-def _probe_engine(factory: IsolatedSessionFactory, timeout: float) -> AsyncEngine:
-    # A separate, unpooled engine: a saturated application pool must read "degraded",
-    # not make the health check wait for a slot.
-    engine = factory._health_engine  # noqa: SLF001
-    if engine is None:
-        url = factory.engine.url
-        engine = create_async_engine(
-            url, poolclass=NullPool, connect_args=_connect_args(url, timeout)
+class HealthProbe:
+    """Probes a factory's database on a connection of its own, never from the app's pool.
+
+    A saturated application pool must read "degraded", not make the check wait for a slot.
+    """
+
+    def __init__(self, url: URL) -> None:
+        self._url = url
+        self._engine: AsyncEngine | None = None
+        # warnings about how the URL reaches the server; None until the first probe asks
+        self._warnings: tuple[str, ...] | None = None
+
+    def _probe_engine(self, timeout: float) -> AsyncEngine:
+        if self._engine is None:
+            url = self._url
+            self._engine = create_async_engine(
+                url, poolclass=NullPool, connect_args=connect_args(url, timeout)
+            )
+            if url.get_backend_name() == "sqlite":
+                event.listen(self._engine.sync_engine, "connect", sqlite_pragmas)
+        return self._engine
+
+    async def check(self, metrics: FactoryMetrics, timeout: float) -> HealthReport:
+        """Run one bounded ``SELECT 1`` and summarise it with the factory's ``metrics``."""
+        latency: float | None = None
+        error: str | None = None
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(timeout):
+                async with self._probe_engine(timeout).connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+                    latency = round((time.perf_counter() - started) * 1000, 3)
+                    if self._warnings is None:  # asked once
+                        self._warnings = await _transport_warnings(conn)
+        except TimeoutError:
+            error = f"the database did not answer within {timeout} s"
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        pool = metrics.pool
+        saturated = pool is not None and pool.checked_out >= pool.capacity
+        status: HealthStatus
+        if error is not None:
+            latency = None
+            status = "down"
+        elif metrics.circuit_state is not CircuitState.CLOSED or saturated:
+            status = "degraded"
+        else:
+            status = "ok"
+        return HealthReport(
+            status=status,
+            database_latency_ms=latency,
+            circuit_state=metrics.circuit_state,
+            pool=pool,
+            active_sessions=metrics.active_sessions,
+            leaks_detected=metrics.leaks_detected,
+            error=error,
+            warnings=self._warnings or (),
         )
-        if url.get_backend_name() == "sqlite":
-            from sqlalchemy import event  # noqa: PLC0415
 
-            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        factory._health_engine = engine  # noqa: SLF001
-    return engine
-
-
-async def check_health(factory: IsolatedSessionFactory, timeout: float) -> HealthReport:
-    """Run one bounded ``SELECT 1`` on its own connection and summarise the factory."""
-    latency: float | None = None
-    error: str | None = None
-    started = time.perf_counter()
-    try:
-        with anyio.fail_after(timeout):
-            async with _probe_engine(factory, timeout).connect() as conn:
-                await conn.execute(text("SELECT 1"))
-                latency = round((time.perf_counter() - started) * 1000, 3)
-                if factory._transport_warnings is None:  # noqa: SLF001 - checked once
-                    factory._transport_warnings = await _transport_warnings(conn)  # noqa: SLF001
-    except TimeoutError:
-        error = f"the database did not answer within {timeout} s"
-    except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    metrics = factory.metrics()
-    pool = metrics.pool
-    saturated = pool is not None and pool.checked_out >= pool.capacity
-    status: HealthStatus
-    if error is not None:
-        latency = None
-        status = "down"
-    elif metrics.circuit_state is not CircuitState.CLOSED or saturated:
-        status = "degraded"
-    else:
-        status = "ok"
-    return HealthReport(
-        status=status,
-        database_latency_ms=latency,
-        circuit_state=metrics.circuit_state,
-        pool=pool,
-        active_sessions=metrics.active_sessions,
-        leaks_detected=metrics.leaks_detected,
-        error=error,
-        warnings=factory._transport_warnings or (),  # noqa: SLF001
-    )
+    async def aclose(self, timeout: float) -> None:
+        """Dispose of the probe's engine (made again by the next probe)."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            with anyio.move_on_after(timeout):
+                await engine.dispose()
 
 
 async def _transport_warnings(conn: AsyncConnection) -> tuple[str, ...]:

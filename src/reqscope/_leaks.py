@@ -13,7 +13,7 @@ from reqscope._registry import Entry, EntryState, SessionRegistry
 
 __all__ = ["LeakDetector", "LeakReport"]
 
-logger = logging.getLogger("reqscope")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

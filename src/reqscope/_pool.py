@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -16,7 +15,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 from sqlalchemy.util import await_only
 
-from reqscope._compat import fair_pool_class, handoff_queue_of
+from reqscope._compat import (
+    aiosqlite_connect,
+    fair_pool_class,
+    handoff_queue_of,
+    pool_max_overflow,
+    remember_max_overflow,
+)
 from reqscope.exceptions import ReqscopeError
 
 if TYPE_CHECKING:
@@ -129,7 +134,9 @@ def pool_stats(pool: Pool) -> PoolStats | None:
     size = getattr(pool, "size", None)
     if size is None:
         return None
-    max_overflow = getattr(pool, "_max_overflow", 0)
+    max_overflow = pool_max_overflow(pool)
+    if max_overflow is None:  # unknown (a pool reqscope did not make): what is in use now
+        max_overflow = pool.overflow()  # type: ignore[attr-defined]
     queue = handoff_queue_of(pool)
     return PoolStats(
         size=pool.size(),  # type: ignore[attr-defined]  # QueuePool and its async variant
@@ -174,7 +181,7 @@ def _driver(url: URL) -> str:
     return url.drivername.partition("+")[2]
 
 
-def _connect_args(url: URL, timeout: float) -> dict[str, Any]:
+def connect_args(url: URL, timeout: float) -> dict[str, Any]:
     driver = _driver(url)
     if driver == "asyncpg":
         return {"timeout": timeout}
@@ -186,49 +193,11 @@ def _connect_args(url: URL, timeout: float) -> dict[str, Any]:
         return {"connect_timeout": timeout, "async_creator_fn": _bounded_connect(driver, timeout)}
     if driver == "aiosqlite":
         args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
-        stop_once = _aiosqlite_stop_once()
+        stop_once = aiosqlite_connect()
         if stop_once is not None:
             args["async_creator_fn"] = stop_once
         return args
     return {}
-
-
-@functools.cache
-def _aiosqlite_stop_once() -> Callable[..., Any] | None:
-    """``aiosqlite.connect`` whose connections tell their worker thread to stop only once.
-
-    When a statement is cancelled while SQLite busy-waits, SQLAlchemy starts a graceful
-    ``close()`` in a task of its own and, cancelled again, force-stops the worker thread.
-    aiosqlite's ``close()`` then queues a second stop on the exited thread and awaits it
-    forever: a task that never ends, and an event loop that cannot shut down. Here a
-    second ``stop()`` returns nothing to wait for.
-    """
-    try:
-        import sqlite3  # noqa: PLC0415 - some Python builds lack it
-
-        import aiosqlite  # noqa: PLC0415 - an optional extra
-    except ImportError:
-        return None
-    if not hasattr(aiosqlite.Connection, "stop"):  # before 0.22: no force-stop, no race
-        return None
-
-    class StopOnceConnection(aiosqlite.Connection):
-        def stop(self) -> asyncio.Future[Any] | None:
-            if not self._running:  # a stop is already queued; the thread ends after it
-                return None
-            return super().stop()
-
-    def connect(database: Any, *, iter_chunk_size: int = 64, **kwargs: Any) -> Any:
-        location = database.decode() if isinstance(database, bytes) else str(database)
-        connection = StopOnceConnection(
-            functools.partial(sqlite3.connect, location, **kwargs), iter_chunk_size
-        )
-        thread = getattr(connection, "_thread", None)
-        if thread is not None:  # as SQLAlchemy does: never keep the process alive
-            thread.daemon = True
-        return connection
-
-    return connect
 
 
 def _bounded_connect(driver: str, timeout: float) -> Callable[..., Awaitable[Any]]:
@@ -302,7 +271,7 @@ def _reset_session(dbapi_connection: Any, _record: object, reset_state: Any) -> 
         await_only(driver.commit())
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets readers proceed beside one writer; the busy timeout turns short write
     # contention into a wait instead of an immediate "database is locked".
     cursor = dbapi_connection.cursor()
@@ -353,7 +322,7 @@ def build_engine(
         "max_overflow": config.max_overflow,
         "pool_timeout": config.pool_timeout,
         "pool_recycle": config.pool_recycle,
-        "connect_args": _connect_args(parsed, config.connect_timeout),
+        "connect_args": connect_args(parsed, config.connect_timeout),
     }
     # pool_pre_ping in engine_kwargs asks for SQLAlchemy's own, unbounded ping
     bounded_ping = config.pool_pre_ping and "pool_pre_ping" not in engine_kwargs
@@ -368,11 +337,12 @@ def build_engine(
     except Exception as exc:  # an unknown dialect is an ArgumentError/NoSuchModuleError
         raise ReqscopeError(f"cannot create an engine for {parsed.drivername!r}: {exc}") from None
     if parsed.get_backend_name() == "sqlite":
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "connect", sqlite_pragmas)
     if bounded_ping:
         _bounded_pre_ping(engine, config.connect_timeout)
     if config.reset_session:
         event.listen(engine.sync_engine, "reset", _reset_session)
+    remember_max_overflow(engine.pool, kwargs["max_overflow"])
     return engine
 
 

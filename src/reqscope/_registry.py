@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from reqscope._context import new_id
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from reqscope._breaker import CircuitState
     from reqscope._context import UserExecutionContext
+    from reqscope._keeper import SessionKeeper
     from reqscope._pool import PoolStats
     from reqscope.tenancy import TenantPolicy
 
@@ -70,7 +71,12 @@ class FactoryMetrics:
     closed when its scope ends or when the leak detector reclaims it (its connection is
     gone then), and a leak reported but left open stays active until its scope ends.
     ``pool_timeouts`` counts scopes that ended in ``PoolExhaustedError`` (overload, which
-    never opens the circuit).
+    never opens the circuit). ``transaction_retries`` counts the attempts
+    ``run_in_transaction()`` ran again after a serialization failure or deadlock, and
+    ``transaction_conflicts_exhausted`` the calls that ran out of retries. With read
+    replicas, ``replica_sessions`` counts the read-only sessions a replica took,
+    ``replica_fallbacks`` those sent to the primary because no replica was available, and
+    ``sticky_reads`` those kept on the primary because their request had used it.
     """
 
     active_sessions: int
@@ -86,6 +92,11 @@ class FactoryMetrics:
     circuit_state: CircuitState
     pool: PoolStats | None
     pool_timeouts: int = 0
+    transaction_retries: int = 0
+    transaction_conflicts_exhausted: int = 0
+    replica_sessions: int = 0
+    replica_fallbacks: int = 0
+    sticky_reads: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Return the metrics as JSON-safe data."""
@@ -104,6 +115,11 @@ class FactoryMetrics:
             "circuit_state": self.circuit_state.value,
             "pool": None if pool is None else pool.to_dict(),
             "pool_timeouts": self.pool_timeouts,
+            "transaction_retries": self.transaction_retries,
+            "transaction_conflicts_exhausted": self.transaction_conflicts_exhausted,
+            "replica_sessions": self.replica_sessions,
+            "replica_fallbacks": self.replica_fallbacks,
+            "sticky_reads": self.sticky_reads,
         }
 
 
@@ -116,73 +132,65 @@ class EntryState(enum.Enum):
     CLOSED = "closed"
 
 
-_ACTIVE: Final = EntryState.ACTIVE
-
-
 class Entry:
-    """The factory's private bookkeeping for one open session.
+    """The record of one open session: who owns it, since when, and where it is in its life.
 
-    A factory's own sessions are recorded by their :class:`~reqscope._scope.SessionScope`,
-    a subclass: one object per request instead of two. What most sessions never need is
-    left unset until it is first read (each store costs a request as much as a few bytecodes
-    of work): the session id and the opening time as a datetime are made on first use, and
-    ``_stack`` and ``connection_guard`` are set only when there is one (read them with a
-    default).
+    Made by the session scope that opens the session (:mod:`reqscope._scope`), pointed at by
+    the session for its checks (:mod:`reqscope._enforcement`), kept in the factory's
+    :class:`SessionRegistry` while open and read by the leak detector. The scope runs the
+    session's lifecycle; the record only describes it. The session id and the opening time
+    as a datetime are made on first use: most sessions never need them.
     """
 
     __slots__ = (
         "__weakref__",
         "_opened_at",
         "_session_id",
-        "_stack",
-        "bypass_tenant",
         "connection",
         "connection_guard",
         "ctx",
         "deadline",
+        "keeper",
         "leak_reported",
         "lifetime",
-        "owner",
+        "stack",
         "state",
         "statement_timeout",
         "task",
         "tenant",
     )
 
-    def __init__(  # noqa: PLR0917 - internal, built in one place
+    _session_id: str  # set on first use
+    _opened_at: dt.datetime  # set on first use
+
+    def __init__(
         self,
-        session_id: str | None,
+        keeper: SessionKeeper,
         ctx: UserExecutionContext,
-        opened_at: dt.datetime | None,
+        *,
         lifetime: float,
-        task: asyncio.Task[Any] | None,
-        stack: str | None,
+        task: asyncio.Task[Any] | None = None,
+        tenant: tuple[TenantPolicy, str] | None = None,
+        statement_timeout: float | None = None,
+        stack: str | None = None,
     ) -> None:
-        if session_id is not None:  # else a fresh id on first use
-            self._session_id = session_id
-        if opened_at is not None:  # else derived from the monotonic opening time on first use
-            self._opened_at = opened_at
-        if stack is not None:
-            self._stack = stack
+        self.keeper = keeper  # what the session's checks report to
         self.ctx = ctx
         self.lifetime = lifetime
         self.deadline = time.monotonic() + lifetime
-        self.task = task
-        self.state: EntryState | None = _ACTIVE  # None: a scope not entered yet
+        self.task = task  # the task that opened it (None once closed)
+        self.state = EntryState.ACTIVE
         self.leak_reported = False
         # The connection of the session's latest transaction (set in after_begin; None
         # until the session first gets one).
         self.connection: Connection | None = None
-        self.owner: Any = None  # the IsolatedSessionFactory that opened it
-        self.bypass_tenant = False
+        # The before_execute listener put on a connection session.connection() handed out.
+        self.connection_guard: Callable[..., None] | None = None
         # (policy, user id) this session is confined to; None without a policy or in bypass.
-        self.tenant: tuple[TenantPolicy, str] | None = None
+        self.tenant = tenant
         # seconds a statement may run (PostgreSQL, SET LOCAL per transaction); None: no bound
-        self.statement_timeout: float | None = None
-
-    # Set only once session.connection() hands out a connection: the before_execute listener
-    # put on it (read with getattr(entry, "connection_guard", None)).
-    connection_guard: Callable[..., None]
+        self.statement_timeout = statement_timeout
+        self.stack = stack  # where it was opened, when the factory captures stacks
 
     @property
     def session_id(self) -> str:
@@ -213,11 +221,6 @@ class Entry:
                 seconds=age
             )
             return opened_at
-
-    @property
-    def stack(self) -> str | None:
-        """Where the session was opened, when the factory captures stacks."""
-        return getattr(self, "_stack", None)
 
     @property
     def task_name(self) -> str | None:
@@ -273,16 +276,20 @@ class SessionRegistry:
     __slots__ = (
         "_buckets",
         "_reported",
-        "cleanup_failures",
         "isolation_violations",
         "leaks_detected",
         "leaks_reclaimed",
         "peak_active",
         "pool_timeouts",
+        "replica_fallbacks",
+        "replica_sessions",
         "scope_violations",
         "sessions_closed",
         "sessions_failed",
         "sessions_opened",
+        "sticky_reads",
+        "transaction_conflicts_exhausted",
+        "transaction_retries",
     )
 
     def __init__(self) -> None:
@@ -297,8 +304,12 @@ class SessionRegistry:
         self.leaks_reclaimed = 0
         self.isolation_violations = 0
         self.scope_violations = 0
-        self.cleanup_failures = 0
         self.pool_timeouts = 0
+        self.transaction_retries = 0
+        self.transaction_conflicts_exhausted = 0
+        self.replica_sessions = 0
+        self.replica_fallbacks = 0
+        self.sticky_reads = 0
         self.peak_active = 0
 
     def __len__(self) -> int:
@@ -310,9 +321,8 @@ class SessionRegistry:
             self._buckets[entry.lifetime][entry] = entry
         except KeyError:
             self._buckets[entry.lifetime] = OrderedDict(((entry, entry),))
-        opened = self.sessions_opened = self.sessions_opened + 1
-        if opened - self.sessions_closed > self.peak_active:  # noqa: PLR1730 - max() is a call
-            self.peak_active = opened - self.sessions_closed
+        self.sessions_opened += 1
+        self.peak_active = max(self.peak_active, len(self))
 
     def discard(self, entry: Entry) -> None:
         """Forget a session (closed or reclaimed); a no-op when already gone.

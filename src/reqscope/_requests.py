@@ -58,7 +58,7 @@ __all__ = [
     "resolve_user",
 ]
 
-logger = logging.getLogger("reqscope")
+logger = logging.getLogger(__name__)
 
 ANONYMOUS: Final = "anonymous"
 REQUEST_ID_HEADER: Final = "x-request-id"
@@ -194,6 +194,7 @@ class RequestResources:
         self.anonymous_ok = anonymous_ok
         self.closed = False
         self.commit_on_success = False
+        self.read_only = False  # the request's session was opened read-only (a replica)
         self.max_lifetime: float | None = None
         self.status: int | None = None  # the response's, once it starts
         self._resolver = resolver
@@ -351,18 +352,34 @@ class RequestResources:
             raise ReqscopeError("no IsolatedSessionFactory is configured for this app")
         return self.factory
 
-    async def session(self) -> AsyncSession:
+    async def session(self, *, read_only: bool = False) -> AsyncSession:
         """The request's session (opened on first call).
 
         It may open before the request's user is known (the authentication dependency that
         loads the user uses it): it then becomes the user's when :meth:`identify` runs.
+        Opened ``read_only``, it goes to a read replica when the factory has ones; a session
+        already open on the primary serves read-only callers too (the request reads its own
+        writes).
+
+        Raises:
+            ReqscopeError: a caller that may write asks for the session after it was opened
+                read-only.
         """
         self._check("session")
         if self._session is None:
             factory = self._factory()
-            scope = factory.session(await self.resolve(), max_lifetime=self.max_lifetime)
+            scope = factory.session(
+                await self.resolve(), max_lifetime=self.max_lifetime, read_only=read_only
+            )
             self._session = await scope.__aenter__()
             self._session_scope = scope
+            self.read_only = read_only
+        elif self.read_only and not read_only:
+            raise ReqscopeError(
+                "this request's session was opened read-only (ReadOnlyDbDep), possibly on a "
+                "read replica, and cannot serve a dependency that may write; use "
+                "RequestScopedDbDep or CommitOnSuccessDbDep everywhere in this route"
+            )
         return self._session
 
     def set_lifetime(self, seconds: float) -> None:
@@ -420,7 +437,7 @@ class RequestResources:
             await self.aclose(not_authenticated())
             return 401
         if self.commit_on_success:
-            await _commit(self._session)
+            await self._session.commit()
         return None
 
     async def response_ending(self) -> None:
@@ -434,7 +451,7 @@ class RequestResources:
             and self.status < 400  # noqa: PLR2004
             and session.in_transaction()
         ):
-            await _commit(session)
+            await session.commit()
 
     async def aclose(self, error: BaseException | None = None) -> None:
         """Close the agent scope, then the session (rolling back what was not committed)."""
@@ -454,17 +471,6 @@ class RequestResources:
                     await self._session_scope.__aexit__(exc_type, error, None)
                 except Exception:
                     logger.exception("reqscope: closing the request session failed")
-
-
-async def _commit(session: AsyncSession) -> None:
-    try:
-        await session.commit()
-    except Exception:
-        # A COMMIT the database refused may leave the connection inside the transaction
-        # (SQLite does, on a deferred constraint): never hand that connection to the next
-        # request, whose rollback-on-return SQLite then ignores.
-        await session.invalidate()
-        raise
 
 
 def not_authenticated() -> NotAuthenticated:

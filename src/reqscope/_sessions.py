@@ -1,9 +1,10 @@
 """IsolatedSessionFactory: one new AsyncSession per request scope, enforced and reclaimed.
 
-The factory owns the engine's event listeners, the registry of open sessions, the leak
-detector, the circuit breaker and the observation API. One request's scope
-(open, tag, register, clean up) lives in :mod:`reqscope._scope`; the enforcement hooks in
-:mod:`reqscope._enforcement`.
+The factory owns the engine's lifecycle and event hooks (:mod:`reqscope._engine_hooks`),
+the leak detector, the health probe and the observation API. What its session scopes share
+(the registry of open sessions, the circuit breaker, connection cleanup, the settings) is a
+:class:`~reqscope._keeper.SessionKeeper`, which the factory hands each scope
+(:mod:`reqscope._scope`); the checks on each session live in :mod:`reqscope._enforcement`.
 """
 
 from __future__ import annotations
@@ -16,56 +17,30 @@ import tempfile
 import weakref
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import anyio
 import sqlalchemy as sa
-from sqlalchemy import event, text
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
-from sqlalchemy.util import greenlet_spawn
 from typing_extensions import Self
 
-from reqscope._breaker import CircuitBreaker, is_configuration_error, is_connection_failure
-from reqscope._context import log_fields
-from reqscope._enforcement import (
-    _PID_KEY,
-    ReqscopeSession,
-    _invalidate,
-    _on_handle_error,
-    _remember_backend_pid,
-    reclaimed_error,
-    tenant_session_class,
-)
+from reqscope._breaker import CircuitBreaker
+from reqscope._context import current_context_or_none
+from reqscope._enforcement import ReqscopeSession, tenant_session_class
+from reqscope._engine_hooks import EngineHooks
+from reqscope._health import HealthProbe
+from reqscope._keeper import SessionKeeper
 from reqscope._leaks import LeakDetector
 from reqscope._pool import PoolConfig, PoolStats, build_engine, pool_stats, refuse_memory_sqlite
-from reqscope._registry import (
-    Entry,
-    EntryState,
-    FactoryMetrics,
-    SessionRecord,
-    SessionRegistry,
-)
-from reqscope._scope import CleanupWatchdog, CommitScope, SessionScope
-from reqscope.exceptions import (
-    DatabaseConfigurationError,
-    DatabaseUnavailableError,
-    IsolationViolation,
-    PoolExhaustedError,
-    ReqscopeError,
-    TenancyConfigurationError,
-)
-from reqscope.tenancy import (
-    TenancyReport,
-    TenantPolicy,
-    inspect_tenancy,
-    tenant_tables,
-)
+from reqscope._registry import Entry, FactoryMetrics, SessionRecord
+from reqscope._replicas import Replica, ReplicaSet, ReplicaStatus
+from reqscope._retry import retry_transaction
+from reqscope._scope import SessionScope
+from reqscope.exceptions import ReqscopeError, TenancyConfigurationError
+from reqscope.tenancy import TenancyReport, TenantPolicy, inspect_tenancy, tenant_tables
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
-
-    from sqlalchemy.engine import Connection
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
     from reqscope._context import UserExecutionContext
     from reqscope._health import HealthReport
@@ -77,9 +52,13 @@ __all__ = [
     "isolated_session",
 ]
 
-logger = logging.getLogger("reqscope")
+logger = logging.getLogger(__name__)
 
 DEFAULT_CLEANUP_TIMEOUT: Final = 5.0
+# seconds one check of a read replica (reachable? how far behind?) may take
+REPLICA_CHECK_TIMEOUT: Final = 2.0
+
+T = TypeVar("T")
 
 
 def _refuse_unusable_bind(bind: object, session_kwargs: Mapping[str, Any] | None) -> None:
@@ -141,10 +120,16 @@ class IsolatedSessionFactory:
             server cancels it (PostgreSQL's ``statement_timeout``, set transaction-locally
             as each transaction's first statement: one more round trip per transaction);
             ``None``: no bound. A scope may set its own.
+        replicas: read replicas (engines you keep owning, or URLs built with ``pool``)
+            for ``session(ctx, read_only=True)`` (the "Read replicas" page).
+        replica_max_lag: seconds of replay lag past which a replica is skipped
+            (PostgreSQL standbys).
+        replica_check_interval: seconds between the background checks of each replica.
 
     Raises:
         ReqscopeError: an in-memory SQLite URL or engine, an unusable URL, or a
-            ``statement_timeout`` on a database other than PostgreSQL.
+            ``statement_timeout`` on a database other than PostgreSQL, or a replica of
+            another kind of database than the primary.
     """
 
     def __init__(
@@ -162,6 +147,9 @@ class IsolatedSessionFactory:
         cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
         tenant: TenantPolicy | None = None,
         statement_timeout: float | None = None,
+        replicas: Sequence[AsyncEngine | str] = (),
+        replica_max_lag: float = 10.0,
+        replica_check_interval: float = 1.0,
     ) -> None:
         if max_session_lifetime <= 0:
             raise ValueError(f"max_session_lifetime must be positive, got {max_session_lifetime}")
@@ -179,16 +167,9 @@ class IsolatedSessionFactory:
             self.engine = build_engine(url, pool=pool)
         else:
             self.engine = build_engine(bind, pool=pool)
-        self.max_session_lifetime = float(max_session_lifetime)
         if leak_check_interval is None:
-            leak_check_interval = min(5.0, max(0.01, self.max_session_lifetime / 4))
+            leak_check_interval = min(5.0, max(0.01, float(max_session_lifetime) / 4))
         self.leak_check_interval = float(leak_check_interval)
-        self.capture_stacks = capture_stacks
-        self.enforce_owner = enforce_owner
-        self.cleanup_timeout = cleanup_timeout
-        self.tenant = tenant
-        self.statement_timeout = self._check_statement_timeout(statement_timeout)
-        self.circuit_breaker = circuit_breaker or CircuitBreaker()
         kwargs = {"expire_on_commit": False, **(session_kwargs or {})}
         sync_class = kwargs.pop("sync_session_class", ReqscopeSession)
         if not issubclass(sync_class, ReqscopeSession):
@@ -196,38 +177,113 @@ class IsolatedSessionFactory:
                 "session_kwargs['sync_session_class'] must subclass "
                 "reqscope.ReqscopeSession so enforcement applies to it"
             )
-        self._session_class: type[AsyncSession] = kwargs.pop("class_", AsyncSession)
+        session_class: type[AsyncSession] = kwargs.pop("class_", AsyncSession)
         if tenant is not None:
             sync_class = tenant_session_class(sync_class)
-        self._session_kwargs = {**kwargs, "sync_session_class": sync_class}
-        self._registry = SessionRegistry()
-        self._pending_invalidation: list[Connection] = []
-        self._cleanup_watchdog = CleanupWatchdog()
-        self.leak_detector = LeakDetector(
-            self._registry,
-            self._reclaim,
-            self._drain_invalidations,
-            reclaim_leaks=reclaim_leaks,
+        # what the primary's keeper and every replica's keeper share
+        settings: dict[str, Any] = {
+            "session_class": session_class,
+            "session_kwargs": {**kwargs, "sync_session_class": sync_class},
+            "cleanup_timeout": cleanup_timeout,
+            "max_session_lifetime": float(max_session_lifetime),
+            "enforce_owner": enforce_owner,
+            "tenant": tenant,
+            "statement_timeout": self._check_statement_timeout(statement_timeout),
+            "capture_stacks": capture_stacks,
+            "start": self._start_on_first_use,
+        }
+        self._keeper = SessionKeeper(
+            self.engine, breaker=circuit_breaker or CircuitBreaker(), **settings
         )
-        self._state = "new"
-        self._health_engine: AsyncEngine | None = None
-        # warnings about how the URL reaches the server; None until health() first asks
-        self._transport_warnings: tuple[str, ...] | None = None
-        self._control_engine: AsyncEngine | None = None
-        # connection -> the reclaimed scope that held it (the leak detector's, see _reclaim)
-        self._reclaimed: weakref.WeakKeyDictionary[Connection, Entry] = weakref.WeakKeyDictionary()
+        if not replica_max_lag > 0 or not replica_check_interval > 0:
+            raise ValueError(
+                "replica_max_lag and replica_check_interval must be positive seconds, got "
+                f"{replica_max_lag!r} and {replica_check_interval!r}"
+            )
+        self._replicas = ReplicaSet(
+            [self._replica(bind, pool, settings) for bind in replicas],
+            max_lag=float(replica_max_lag),
+            check_interval=float(replica_check_interval),
+        )
+        self.leak_detector = LeakDetector(
+            self._keeper.registry, _reclaim, self._drain, reclaim_leaks=reclaim_leaks
+        )
+        self._closed = False
+        self._hooks = EngineHooks(self._keeper)
+        self._health = HealthProbe(self.engine.url)
         self._detector: asyncio.Task[None] | None = None
-        self._listen(event.listen)
+        self._replica_checks: asyncio.Task[None] | None = None
+        self._install_hooks()
 
-    def _listen(self, how: Callable[..., None]) -> None:
-        """Add (``event.listen``) or remove (``event.remove``) the factory's engine hooks."""
-        engine = self.engine.sync_engine
-        how(engine, "handle_error", _on_handle_error)
-        how(engine, "handle_error", self._reclaimed_statement)
-        how(engine, "do_connect", self._connect)
-        if self.engine.dialect.name == "postgresql":
-            how(engine, "connect", _remember_backend_pid)
-            how(engine, "handle_error", self._stop_cancelled_statement)
+    def _replica(
+        self, bind: AsyncEngine | str, pool: PoolConfig | None, settings: dict[str, Any]
+    ) -> Replica:
+        """A read replica's engine, and a keeper that shares this factory's registry."""
+        if isinstance(bind, AsyncEngine):
+            refuse_memory_sqlite(bind.url)
+            engine = bind
+        else:
+            engine = build_engine(bind, pool=pool)
+        if engine.dialect.name != self.engine.dialect.name:
+            raise ReqscopeError(
+                f"a read replica must be the same kind of database as the primary: the "
+                f"primary is {self.engine.dialect.name}, the replica {engine.dialect.name} "
+                f"({engine.url.render_as_string(hide_password=True)})"
+            )
+        keeper = SessionKeeper(
+            engine, breaker=CircuitBreaker(), registry=self._keeper.registry, **settings
+        )
+        return Replica(keeper, EngineHooks(keeper), owns_engine=not isinstance(bind, AsyncEngine))
+
+    def _install_hooks(self) -> None:
+        self._hooks.install()
+        for replica in self._replicas.replicas:
+            replica.hooks.install()
+
+    def _keepers(self) -> list[SessionKeeper]:
+        return [self._keeper, *(replica.keeper for replica in self._replicas.replicas)]
+
+    async def _drain(self) -> None:
+        """Finish every deferred connection close, on the primary and on each replica."""
+        for keeper in self._keepers():
+            await keeper.cleanup.drain()
+
+    # -- settings (read-only) --------------------------------------------------------------
+
+    @property
+    def max_session_lifetime(self) -> float:
+        """Seconds after which an open session counts as leaked."""
+        return self._keeper.max_session_lifetime
+
+    @property
+    def enforce_owner(self) -> bool:
+        """Whether a session used while another user's context is current is refused."""
+        return self._keeper.enforce_owner
+
+    @property
+    def tenant(self) -> TenantPolicy | None:
+        """The tenant policy confining every session (None: none)."""
+        return self._keeper.tenant
+
+    @property
+    def statement_timeout(self) -> float | None:
+        """The bound on one statement, in seconds (PostgreSQL; None: no bound)."""
+        return self._keeper.statement_timeout
+
+    @property
+    def capture_stacks(self) -> bool:
+        """Whether the stack that opened each session is recorded."""
+        return self._keeper.capture_stacks
+
+    @property
+    def cleanup_timeout(self) -> float:
+        """Seconds a session's close may take before its connection is invalidated instead."""
+        return self._keeper.cleanup.timeout
+
+    @property
+    def circuit_breaker(self) -> CircuitBreaker:
+        """The circuit breaker guarding the database."""
+        return self._keeper.breaker
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -239,20 +295,27 @@ class IsolatedSessionFactory:
         starts itself when its first session opens (and logs that it did); a closed one
         starts again only through this method (an app's lifespan entered once per test).
         """
-        if self._state == "started":
+        if self._keeper.started:
             return
-        if self._state == "closed":
+        if self._closed:
             self._reopen()
         if self.tenant is not None and self.tenant.rls and self.engine.dialect.name == "postgresql":
             await self.check_tenancy()
+        # Plain tasks, not a task group: aclose() may run in another task than start() (a
+        # lifespan, a fixture), and a factory started on first use has no block.
+        loop = asyncio.get_running_loop()
         if self.leak_check_interval > 0:
-            # A plain task, not a task group: aclose() may run in another task than start()
-            # (a lifespan, a fixture), and a factory started on first use has no block.
-            self._detector = asyncio.get_running_loop().create_task(
+            self._detector = loop.create_task(
                 self.leak_detector.run(self.leak_check_interval),
                 name="reqscope leak detector",
             )
-        self._state = "started"
+        if self._replicas:
+            await self._replicas.check_all(REPLICA_CHECK_TIMEOUT)  # routed from the first read
+            self._replica_checks = loop.create_task(
+                self._replicas.run(REPLICA_CHECK_TIMEOUT), name="reqscope replica checks"
+            )
+        for keeper in self._keepers():
+            keeper.started = True
 
     async def _start_on_first_use(self) -> None:
         """Start a factory nobody started: its sessions are policed like any others."""
@@ -264,7 +327,8 @@ class IsolatedSessionFactory:
         await self.start()
 
     def _reopen(self) -> None:
-        self._listen(event.listen)
+        self._closed = False
+        self._install_hooks()
         if self._tempdir is not None:  # the embedded database starts empty again
             self._tempdir.mkdir(parents=True, exist_ok=True)
 
@@ -274,28 +338,33 @@ class IsolatedSessionFactory:
         Idempotent. A closed factory refuses new sessions until :meth:`start` (or
         ``async with factory``) starts it again.
         """
-        if self._state == "closed":
+        if self._closed:
             return
-        self._state = "closed"
-        detector, self._detector = self._detector, None
-        if detector is not None:
-            detector.cancel()
+        self._closed = True
+        for keeper in self._keepers():
+            keeper.started = False
+        tasks = [task for task in (self._detector, self._replica_checks) if task is not None]
+        self._detector = self._replica_checks = None
+        for task in tasks:
+            task.cancel()
+        if tasks:
             with anyio.CancelScope(shield=True):
-                await asyncio.wait([detector])
-        for entry in list(self._registry.entries()):
+                await asyncio.wait(tasks)
+        for entry in list(self._keeper.registry.entries()):
             logger.warning(
                 "reqscope: factory closing with session %s still open; invalidating it",
                 entry.session_id,
                 extra=entry.log_fields(),
             )
-            self._reclaim(entry, defer=True)
-        await self._drain_invalidations()
+            _reclaim(entry, defer=True)
+        await self._drain()
         with anyio.CancelScope(shield=True):
-            for extra in (self._health_engine, self._control_engine):
-                if extra is not None:
-                    await self._dispose(extra)
-            self._health_engine = self._control_engine = None
-            self._listen(event.remove)
+            await self._health.aclose(self.cleanup_timeout)
+            await self._hooks.aclose()
+            self._hooks.remove()
+            for replica in self._replicas.replicas:
+                await replica.aclose(self.cleanup_timeout)
+                replica.hooks.remove()
             if self.owns_engine:
                 await self._dispose(self.engine)
         if self._tempdir is not None:
@@ -328,11 +397,11 @@ class IsolatedSessionFactory:
 
     @property
     def closed(self) -> bool:
-        """True after :meth:`aclose`."""
-        return self._state == "closed"
+        """True after :meth:`aclose` (until :meth:`start`)."""
+        return self._closed
 
     def _check_open(self) -> None:
-        if self._state == "closed":
+        if self._closed:
             raise ReqscopeError(
                 "this IsolatedSessionFactory is closed; start it again with `async with "
                 "factory:` (or `await factory.start()`), or keep the one your app's lifespan "
@@ -348,6 +417,7 @@ class IsolatedSessionFactory:
         max_lifetime: float | None = None,
         bypass_tenant: bool = False,
         statement_timeout: float | None = None,
+        read_only: bool = False,
     ) -> SessionScope:
         """Open a new session for one request; uncommitted work rolls back on exit.
 
@@ -360,6 +430,9 @@ class IsolatedSessionFactory:
                 always logged. Row-level security still applies on PostgreSQL.
             statement_timeout: this scope's bound on one statement, in seconds (PostgreSQL);
                 the factory's ``statement_timeout`` when omitted.
+            read_only: the session only reads: on a factory with ``replicas``, it goes to an
+                available replica, unless this request opened a session on the primary
+                before (then the primary, so the request reads its own writes).
 
         Returns:
             An async context manager yielding a real ``AsyncSession``. Inside the block,
@@ -373,9 +446,9 @@ class IsolatedSessionFactory:
             ReqscopeError: ``statement_timeout`` on a database other than PostgreSQL.
         """
         return SessionScope(
-            self,
+            self._keeper_for(ctx, read_only=read_only),
             ctx,
-            max_lifetime,
+            lifetime=max_lifetime,
             bypass_tenant=bypass_tenant,
             statement_timeout=self._check_statement_timeout(statement_timeout),
         )
@@ -389,13 +462,168 @@ class IsolatedSessionFactory:
         statement_timeout: float | None = None,
     ) -> SessionScope:
         """Like :meth:`session`, but commit on success (and roll back on error)."""
-        return CommitScope(
-            self,
+        return SessionScope(
+            self._keeper_for(ctx, read_only=False),
             ctx,
-            max_lifetime,
+            lifetime=max_lifetime,
+            commit=True,
             bypass_tenant=bypass_tenant,
             statement_timeout=self._check_statement_timeout(statement_timeout),
         )
+
+    def _keeper_for(self, ctx: UserExecutionContext | None, *, read_only: bool) -> SessionKeeper:
+        """The keeper of the engine a new session of ``ctx`` goes to: primary or a replica."""
+        replicas = self._replicas
+        if not replicas:
+            return self._keeper
+        ctx = ctx if ctx is not None else current_context_or_none()
+        registry = self._keeper.registry
+        if not read_only:
+            replicas.wrote(ctx)
+            return self._keeper
+        if self._keeper.joined is not None:  # outer_transaction(): the test's one connection
+            return self._keeper
+        if replicas.has_written(ctx):  # read your own writes
+            registry.sticky_reads += 1
+            return self._keeper
+        replica = replicas.choose()
+        if replica is None:
+            registry.replica_fallbacks += 1
+            return self._keeper
+        registry.replica_sessions += 1
+        return replica.keeper
+
+    async def run_in_transaction(
+        self,
+        fn: Callable[[AsyncSession], Awaitable[T]],
+        ctx: UserExecutionContext | None = None,
+        *,
+        retries: int = 3,
+        isolation_level: str | None = None,
+        backoff: float = 0.05,
+        max_backoff: float = 1.0,
+        bypass_tenant: bool = False,
+        statement_timeout: float | None = None,
+    ) -> T:
+        """Run ``await fn(session)`` in a transaction, again after a serialization failure.
+
+        Each attempt is a :meth:`begin` scope of its own: a new session and a new
+        transaction, committed when ``fn`` returns. When the server rolls an attempt back
+        for a concurrent transaction (serialization failure or deadlock: SQLSTATE ``40001``
+        / ``40P01``, MySQL/MariaDB error 1213), the attempt's session is closed and ``fn``
+        runs again in a new one after a jittered backoff, up to ``retries`` more times. Any
+        other error is raised at once. ``fn`` must be safe to run more than once: keep side
+        effects outside the database (an email, an HTTP call) out of it.
+
+        Example:
+            >>> async def transfer(session):
+            ...     await session.execute(debit)
+            ...     await session.execute(credit)
+            >>> await factory.run_in_transaction(transfer, ctx, isolation_level="SERIALIZABLE")
+
+        Args:
+            fn: the transaction's work; its return value is returned.
+            ctx: the request's context; the current one when omitted.
+            retries: how many times to run ``fn`` again after a conflict (0: never).
+            isolation_level: the transaction's isolation level (``"SERIALIZABLE"``,
+                ``"REPEATABLE READ"``, ...); the engine's when omitted.
+            backoff: seconds the first retry waits at most; each later one doubles it.
+            max_backoff: the cap on any one wait, in seconds.
+            bypass_tenant: as for :meth:`session`.
+            statement_timeout: as for :meth:`session`.
+
+        Raises:
+            TransactionConflictError: every attempt conflicted; the last error is its cause.
+            ValueError: a negative ``retries`` or backoff.
+        """
+        if retries < 0:
+            raise ValueError(f"retries must be a whole number >= 0, got {retries!r}")
+        if not 0 <= backoff <= max_backoff:
+            raise ValueError(
+                f"need 0 <= backoff <= max_backoff, got backoff={backoff!r}, "
+                f"max_backoff={max_backoff!r}"
+            )
+        statement_timeout = self._check_statement_timeout(statement_timeout)
+
+        def begin() -> SessionScope:
+            return self.begin(ctx, bypass_tenant=bypass_tenant, statement_timeout=statement_timeout)
+
+        return await retry_transaction(
+            begin,
+            fn,
+            retries=retries,
+            isolation_level=isolation_level,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            registry=self._keeper.registry,
+        )
+
+    @contextlib.asynccontextmanager
+    async def outer_transaction(self) -> AsyncIterator[AsyncConnection]:
+        """For tests: every session opened inside joins one transaction, rolled back at the end.
+
+        The block holds one connection in a transaction; each session the factory opens
+        meanwhile runs in a SAVEPOINT of its own on it, so sessions stay separate, owner
+        checked and rolled back on error, a session's commit is seen by later sessions
+        of the block, and nothing the block wrote survives it (on every database,
+        SQLite included). The sessions share the connection: open them one at a time
+        (test clients send one request at a time). A connection invalidated inside (a
+        reclaimed leak) ends the block without error: the server rolled it back.
+
+        Example:
+            >>> async with factory.outer_transaction():
+            ...     response = await client.post("/notes", json={"body": "hi"})
+            ... # the note is gone
+
+        Yields:
+            The connection, to arrange or inspect data inside the same transaction.
+
+        Raises:
+            ReqscopeError: the factory is closed, or already inside ``outer_transaction()``.
+        """
+        self._check_open()
+        keeper = self._keeper
+        if keeper.joined is not None:
+            raise ReqscopeError(
+                "this factory is already inside outer_transaction(); one test transaction "
+                "at a time (open it once, in one fixture)"
+            )
+        async with self.engine.connect() as conn:
+            transaction = await conn.begin()
+            if self.engine.dialect.name == "sqlite":
+                # Python's sqlite3 begins lazily, at the first write: a SAVEPOINT before it
+                # would open a transaction that the session's commit (RELEASE) commits.
+                await conn.exec_driver_sql("BEGIN")
+            keeper.joined = conn
+            try:
+                yield conn
+            finally:
+                keeper.joined = None
+                if transaction.is_active and not conn.invalidated:
+                    await transaction.rollback()
+
+    def on_session_close(self, callback: Callable[[SessionRecord], None]) -> Callable[[], None]:
+        """Call ``callback`` with the record of each session whose scope ends from now on.
+
+        The record names the user the session ended as (the one its request identified,
+        for a session opened before authentication). For tests and instrumentation
+        (``reqscope.testing.record_sessions``). The callback runs in the scope's task as it
+        closes; its exceptions are logged, never raised into the request.
+
+        Returns:
+            A function that stops the calls.
+        """
+        observers = self._keeper.close_observers
+
+        def observe(entry: Entry) -> None:
+            callback(entry.record())
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):  # stopped already
+                observers.remove(observe)
+
+        observers.append(observe)
+        return stop
 
     def _check_statement_timeout(self, seconds: float | None) -> float | None:
         """Validate a ``statement_timeout``; None stays None (the factory's applies)."""
@@ -410,34 +638,6 @@ class IsolatedSessionFactory:
                 "Bound the request instead, e.g. with run_isolated(..., timeout=...)"
             )
         return float(seconds)
-
-    def _authorize_bypass(self, ctx: UserExecutionContext) -> None:
-        policy = self.tenant
-        if policy is None:
-            raise ReqscopeError(
-                "bypass_tenant=True needs a factory with a tenant policy "
-                "(IsolatedSessionFactory(..., tenant=TenantPolicy()))"
-            )
-        if ctx.metadata.get(policy.admin_marker) is not True:
-            self._registry.isolation_violations += 1
-            logger.error(
-                "reqscope: refused a tenant bypass for user %r (request %s): the context is "
-                "not marked admin",
-                ctx.user_id,
-                ctx.request_id,
-                extra=log_fields(ctx),
-            )
-            raise IsolationViolation(
-                f"bypass_tenant=True for user {ctx.user_id!r}, whose context is not marked "
-                f"admin; your authorization code must set metadata {policy.admin_marker}=True "
-                "on admin contexts (never from client input)"
-            )
-        logger.warning(
-            "reqscope: tenant filter bypassed by admin user %r (request %s)",
-            ctx.user_id,
-            ctx.request_id,
-            extra={**log_fields(ctx), "bypass_tenant": True},
-        )
 
     async def check_tenancy(self, tables: tuple[str, ...] | None = None) -> TenancyReport:
         """Verify that row-level security binds this factory's database role.
@@ -470,148 +670,6 @@ class IsolatedSessionFactory:
             )
         return report
 
-    def _new_session(self) -> AsyncSession:
-        return self._session_class(bind=self.engine, **self._session_kwargs)
-
-    def _connect(self, dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
-        """``do_connect`` hook: a failed connect becomes a reqscope error that says why.
-
-        Drivers report an outage as a raw ``OSError``/``TimeoutError``, which inside a request
-        could also be the application's own; raised here, it can only be the database's, so
-        it becomes :class:`DatabaseUnavailableError`, which the circuit breaker counts. A
-        server that answers by refusing the login or the database is up:
-        :class:`DatabaseConfigurationError`, which the breaker does not count.
-        """
-        try:
-            return dialect.connect(*cargs, **cparams)
-        except Exception as error:
-            if isinstance(error, ReqscopeError):
-                raise
-            url = self.engine.url.render_as_string(hide_password=True)
-            reason = f"{type(error).__name__}: {error}".rstrip(": ")
-            if is_configuration_error(error):
-                raise DatabaseConfigurationError(
-                    f"the database server at {url} refused the connection: {reason}; the "
-                    "server is up, so check the user, password and database name in the "
-                    "URL (and the server's pg_hba.conf or grants)"
-                ) from error
-            if not (
-                isinstance(error, dialect.loaded_dbapi.Error)
-                or is_connection_failure(error, connecting=True)
-            ):
-                raise
-            raise DatabaseUnavailableError(
-                f"cannot connect to the database at {url}: {reason}; check that it is "
-                f"running and reachable (after {self.circuit_breaker.failure_threshold} "
-                "consecutive failures the circuit opens and requests fail fast)"
-            ) from error
-
-    def _reclaim(self, entry: Entry, defer: bool) -> None:
-        # Synchronous: the leak detector's scan() must not await. Invalidation frees the
-        # pool slot and never returns the (possibly busy) connection to the pool. With
-        # ``defer`` (async callers), _drain_invalidations does it through SQLAlchemy's
-        # graceful async path instead of the drivers' synchronous force-close.
-        entry.state = EntryState.RECLAIMED
-        conn = entry.connection
-        if conn is not None:
-            self._reclaimed[conn] = entry  # a statement it was running fails: _reclaimed_statement
-            if self.engine.dialect.has_terminate and not defer:
-                _invalidate(conn)
-            else:  # the driver can only close from async code: finish in _drain
-                self._pending_invalidation.append(conn)
-        self._registry.discard(entry)
-
-    async def _invalidate_gracefully(self, conn: Connection | None) -> None:
-        if conn is None:  # the session never got a connection
-            return
-        if not conn.closed and not conn.invalidated:
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(self.cleanup_timeout),
-                contextlib.suppress(Exception),
-            ):
-                await greenlet_spawn(conn.invalidate)
-        _invalidate(conn)  # a no-op unless the graceful path timed out or failed
-
-    async def _drain_invalidations(self) -> None:
-        pending, self._pending_invalidation = self._pending_invalidation, []
-        for conn in pending:
-            await self._invalidate_gracefully(conn)
-
-    def _translate(self, error: BaseException) -> BaseException:
-        if isinstance(error, sa_exc.TimeoutError) and not isinstance(error, PoolExhaustedError):
-            stats = self.pool_stats()
-            timeout = getattr(self.engine.pool, "_timeout", None)
-            return PoolExhaustedError(
-                f"no database connection came free within {timeout} s ({stats}); raise "
-                "pool_size/max_overflow, hold sessions for less time, or look for leaks "
-                "with factory.active_sessions()",
-                stats,
-            )
-        return error
-
-    def _reclaimed_statement(self, context: Any) -> BaseException | None:
-        """``handle_error`` hook: a statement cut off by the leak detector's reclaim.
-
-        Reclaiming invalidates the connection under a statement that may still be running;
-        the driver's error for that ("canceling statement due to user request", "connection
-        closed") is raised as :class:`SessionReclaimedError`, which says why.
-        """
-        entry = self._reclaimed.get(context.connection) if context.connection else None
-        return None if entry is None else reclaimed_error(entry, "execute")
-
-    def _stop_cancelled_statement(self, context: Any) -> None:
-        """Terminate the server backend of a statement interrupted by cancellation.
-
-        A cancelled client stops waiting, but PostgreSQL keeps running the statement and
-        holding its locks; SQLAlchemy then invalidates the connection and the pool hands the
-        slot to the next request, so server backends would outnumber the pool. This
-        ``handle_error`` hook runs inside SQLAlchemy's greenlet *before* that invalidation,
-        so it can await ``pg_terminate_backend`` (shielded, bounded) first.
-        """
-        # A handle_error hook that raises replaces the original exception, which would
-        # turn a cancellation into an ordinary error: this hook must never raise.
-        original = context.original_exception
-        if isinstance(original, Exception) or context.connection is None:
-            return  # only exit exceptions: cancellation, KeyboardInterrupt
-        try:
-            pid = context.connection.info.get(_PID_KEY)
-        except NotImplementedError:  # cancelled while connecting: nothing runs on the server
-            return
-        if pid is None:
-            return
-        try:
-            from sqlalchemy.util import await_only  # noqa: PLC0415 - only on this rare path
-
-            with anyio.CancelScope(shield=True):  # noqa: ASYNC100 - await_only awaits inside
-                await_only(self._cancel_backend(pid))
-        except Exception as error:  # a cancellation is not an error: say so, at WARNING
-            logger.warning(
-                "reqscope: could not cancel the server-side statement of a cancelled request "
-                "(backend %s): %s: %s; the server stops it when the connection closes",
-                pid,
-                type(error).__name__,
-                error,
-            )
-
-    async def _cancel_backend(self, pid: int) -> None:
-        if self._control_engine is None:
-            from sqlalchemy.ext.asyncio import create_async_engine  # noqa: PLC0415
-
-            from reqscope._pool import _connect_args  # noqa: PLC0415
-
-            url = self.engine.url
-            self._control_engine = create_async_engine(
-                url,
-                pool_size=1,
-                max_overflow=4,
-                pool_timeout=self.cleanup_timeout,
-                connect_args=_connect_args(url, self.cleanup_timeout),
-            )
-        with anyio.fail_after(self.cleanup_timeout):
-            async with self._control_engine.connect() as conn:
-                await conn.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})
-
     # -- observation -----------------------------------------------------------------------
 
     def pool_stats(self) -> PoolStats | None:
@@ -620,7 +678,7 @@ class IsolatedSessionFactory:
 
     def metrics(self) -> FactoryMetrics:
         """A snapshot of the factory's counters, gauges and pool."""
-        registry = self._registry
+        registry = self._keeper.registry
         return FactoryMetrics(
             active_sessions=len(registry),
             peak_active_sessions=registry.peak_active,
@@ -631,16 +689,27 @@ class IsolatedSessionFactory:
             leaks_reclaimed=registry.leaks_reclaimed,
             isolation_violations=registry.isolation_violations,
             scope_violations=registry.scope_violations,
-            cleanup_failures=registry.cleanup_failures,
+            cleanup_failures=self._keeper.cleanup.failures,
             circuit_state=self.circuit_breaker.state,
             pool=self.pool_stats(),
             pool_timeouts=registry.pool_timeouts,
+            transaction_retries=registry.transaction_retries,
+            transaction_conflicts_exhausted=registry.transaction_conflicts_exhausted,
+            replica_sessions=registry.replica_sessions,
+            replica_fallbacks=registry.replica_fallbacks,
+            sticky_reads=registry.sticky_reads,
         )
+
+    def replica_status(self) -> tuple[ReplicaStatus, ...]:
+        """What the latest background check found of each read replica (empty: none)."""
+        return tuple(replica.status() for replica in self._replicas.replicas)
 
     def active_sessions(self) -> tuple[SessionRecord, ...]:
         """Every open session, oldest first."""
-        records = [entry.record() for entry in self._registry.entries()]
-        return tuple(sorted(records, key=lambda record: record.opened_at))
+        # Sorted on the monotonic clock: opened_at is derived per record from the wall clock,
+        # so two sessions opened within a microsecond could swap places.
+        entries = sorted(self._keeper.registry.entries(), key=lambda entry: entry.opened_mono)
+        return tuple(entry.record() for entry in entries)
 
     async def health(self, timeout: float = 2.0) -> HealthReport:
         """Probe the database on a connection of its own (never the app's pool).
@@ -648,9 +717,12 @@ class IsolatedSessionFactory:
         Returns "down" when the probe fails or times out, "degraded" when the circuit is not
         closed or the pool is saturated, "ok" otherwise. Never raises for a database problem.
         """
-        from reqscope._health import check_health  # noqa: PLC0415 - keeps imports acyclic
+        return await self._health.check(self.metrics(), timeout)
 
-        return await check_health(self, timeout)
+
+def _reclaim(entry: Entry, defer: bool) -> None:
+    """Reclaim a leaked session through the keeper of the engine it is on."""
+    entry.keeper.reclaim(entry, defer)
 
 
 _default: IsolatedSessionFactory | None = None

@@ -14,6 +14,7 @@ the builtin a caller would naturally catch where there is one::
     ├── DatabaseUnavailableError(ConnectionError)
     ├── DatabaseConfigurationError
     ├── DatabaseBusyError
+    ├── TransactionConflictError
     ├── AgentNotRegisteredError(KeyError)
     ├── AgentCreationError
     ├── RequestTimeoutError(TimeoutError)
@@ -48,6 +49,7 @@ __all__ = [
     "SessionReclaimedError",
     "SessionScopeError",
     "TenancyConfigurationError",
+    "TransactionConflictError",
     "UserResolverError",
 ]
 
@@ -126,6 +128,18 @@ class DatabaseConfigurationError(ReqscopeError):
 
 class DatabaseBusyError(ReqscopeError):
     """Raised when SQLite reports "database is locked" past its busy timeout."""
+
+
+class TransactionConflictError(ReqscopeError):
+    """Raised by ``run_in_transaction()`` when every attempt lost to a concurrent transaction.
+
+    Each attempt ended in a serialization failure or a deadlock; the last one's error is the
+    ``__cause__``. ``attempts`` says how many times the function ran.
+    """
+
+    def __init__(self, message: str, attempts: int) -> None:
+        self.attempts = attempts
+        super().__init__(message)
 
 
 class AgentNotRegisteredError(ReqscopeError, KeyError):

@@ -44,7 +44,7 @@ __all__ = [
     "rls_policy_sql",
 ]
 
-logger = logging.getLogger("reqscope")
+logger = logging.getLogger(__name__)
 
 _GUC: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
 _TYPE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_ ]*$")
@@ -309,7 +309,8 @@ def tenant_tables() -> tuple[str, ...]:
         cls = pending.pop()
         pending.extend(cls.__subclasses__())
         table = getattr(cls, "__table__", None)
-        if table is not None:
+        # a class whose registry was disposed of is no longer mapped: not a tenant table
+        if table is not None and inspect(cls, raiseerr=False) is not None:
             tables.add(f"{table.schema}.{table.name}" if table.schema else table.name)
     return tuple(sorted(tables))
 

@@ -12,6 +12,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from conftest import server_url
 from reqscope import (
     IsolatedSessionFactory,
     PoolConfig,
@@ -364,3 +365,27 @@ async def test_a_session_opened_before_the_user_is_known_becomes_theirs(rls) -> 
             assert session.info["user_id"] == "alice"
         finally:
             await resources.aclose()
+
+
+async def test_row_level_security_confines_reads_on_a_streaming_replica(rls) -> None:
+    replica = as_role(server_url("postgres-replica"), APP)
+    async with IsolatedSessionFactory(
+        as_role(rls, APP), tenant=TenantPolicy(), replicas=[replica], replica_check_interval=0.05
+    ) as factory:
+        await seed(factory, "alice", 2)
+        await seed(factory, "bob", 3)
+        everyone = text("SELECT user_id FROM reqscope_tenant_docs ORDER BY user_id")
+        with anyio.fail_after(20):  # until the standby has replayed the seed
+            while True:
+                async with factory.session(
+                    UserExecutionContext.create("bob"), read_only=True
+                ) as session:
+                    on_standby = "SELECT pg_is_in_recovery()"
+                    assert (await session.execute(text(on_standby))).scalar_one()
+                    if len((await session.execute(everyone)).all()) == 3:
+                        break
+                await anyio.sleep(0.05)
+        async with factory.session(UserExecutionContext.create("alice"), read_only=True) as session:
+            assert (await session.execute(text("SELECT pg_is_in_recovery()"))).scalar_one()
+            assert [row[0] for row in (await session.execute(everyone)).all()] == ["alice", "alice"]
+        assert factory.metrics().replica_sessions >= 2

@@ -37,15 +37,21 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CommitOnSuccessDbDep",
+    "ReadOnlyDbDep",
     "RequestScopedAgentsDep",
     "RequestScopedContextDep",
     "RequestScopedDbDep",
     "UserScopedDbDep",
     "agent",
     "authenticated",
+    "commit_on_success_session",
     "from_header",
     "from_state",
     "monitoring_router",
+    "read_only_session",
+    "request_agents",
+    "request_context",
+    "request_session",
     "session_lifetime",
     "setup",
 ]
@@ -82,8 +88,6 @@ def setup(
         allow_anonymous=allow_anonymous,
         public_paths=public_paths,
     )
-    app.state.reqscope_factory = factory
-    app.state.reqscope_hub = hub
     inner = app.router.lifespan_context
 
     @asynccontextmanager
@@ -153,42 +157,61 @@ def session_lifetime(seconds: float) -> Any:
     return Depends(set_lifetime)
 
 
-async def _context(connection: HTTPConnection) -> UserExecutionContext:
+# The dependency functions behind the Annotated aliases below: public, as the keys of
+# app.dependency_overrides in tests.
+
+
+async def request_context(connection: HTTPConnection) -> UserExecutionContext:
+    """The dependency behind :data:`RequestScopedContextDep` (its override key)."""
     return await get_resources(connection).require_context()
 
 
-async def _request_db(request: Request) -> AsyncSession:
+async def request_session(request: Request) -> AsyncSession:
+    """The dependency behind :data:`RequestScopedDbDep` (its override key)."""
     return await get_resources(request).session()
 
 
-async def _commit_db(request: Request) -> AsyncSession:
+async def commit_on_success_session(request: Request) -> AsyncSession:
+    """The dependency behind :data:`CommitOnSuccessDbDep` (its override key)."""
     resources = get_resources(request)
     resources.commit_on_success = True
     return await resources.session()
 
 
-async def _agents(connection: HTTPConnection) -> AgentScope:
+async def read_only_session(request: Request) -> AsyncSession:
+    """The dependency behind :data:`ReadOnlyDbDep` (its override key)."""
+    return await get_resources(request).session(read_only=True)
+
+
+async def request_agents(connection: HTTPConnection) -> AgentScope:
+    """The dependency behind :data:`RequestScopedAgentsDep` (its override key)."""
     return await get_resources(connection).agents()
 
 
-RequestScopedContextDep = Annotated[UserExecutionContext, Depends(_context)]
+RequestScopedContextDep = Annotated[UserExecutionContext, Depends(request_context)]
 """The request's :class:`~reqscope.UserExecutionContext` (401 without a user, unless public)."""
 
-RequestScopedDbDep = Annotated[AsyncSession, Depends(_request_db)]
+RequestScopedDbDep = Annotated[AsyncSession, Depends(request_session)]
 """The request's one session, **you commit**: shared by every dependency of the request,
 open until the response is finished (streaming bodies included), rolled back unless you
 call ``await session.commit()``."""
 
-CommitOnSuccessDbDep = Annotated[AsyncSession, Depends(_commit_db)]
+CommitOnSuccessDbDep = Annotated[AsyncSession, Depends(commit_on_success_session)]
 """The request's one session, **committed on success**: committed before the response
 starts when its status is below 400, so a commit that fails is the client's 5xx (and what a
 streamed body wrote, before its last chunk); rolled back otherwise. The ``get_db`` that
 commits after ``yield``, done so that no write is lost."""
 
+ReadOnlyDbDep = Annotated[AsyncSession, Depends(read_only_session)]
+"""The request's one session, **for reading**: on a read replica when the factory has
+``replicas`` (see the "Read replicas" page), unless something in the request opened the
+session on the primary first. Never committed; a dependency that may write
+(:data:`RequestScopedDbDep`, :data:`CommitOnSuccessDbDep`) cannot share it."""
+
 UserScopedDbDep = CommitOnSuccessDbDep
 """Deprecated name of :data:`CommitOnSuccessDbDep`."""
 
-RequestScopedAgentsDep = Annotated[AgentScope, Depends(_agents)]
+RequestScopedAgentsDep = Annotated[AgentScope, Depends(request_agents)]
 """The request's :class:`~reqscope.AgentScope`; its agents are cleaned up with the request."""
 
 

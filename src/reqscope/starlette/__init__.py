@@ -60,7 +60,7 @@ __all__ = [
     "serve_websocket",
 ]
 
-logger = logging.getLogger("reqscope")
+logger = logging.getLogger(__name__)
 
 STATE_KEY = "reqscope"
 

@@ -1,8 +1,9 @@
 """Assertions and fixtures for testing services built on reqscope.
 
 The pytest plugin (registered through the ``pytest11`` entry point) provides the fixtures
-``reqscope_factory`` and ``reqscope_context``; :mod:`reqscope.testing.strategies` has
-hypothesis strategies.
+``reqscope_factory``, ``reqscope_transaction`` (the test's writes rolled back after it) and
+``reqscope_context``; :mod:`reqscope.testing.asyncio_plugin` declares them for
+pytest-asyncio's strict mode; :mod:`reqscope.testing.strategies` has hypothesis strategies.
 """
 
 from __future__ import annotations
@@ -10,11 +11,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from reqscope.testing._assertions import assert_no_leaks, assert_no_violations
+from reqscope.testing._identities import SessionLog, acting_as, record_sessions
 
 if TYPE_CHECKING:
     from reqscope.testing._machine import IsolationMachine
 
-__all__ = ["IsolationMachine", "assert_no_leaks", "assert_no_violations"]
+__all__ = [
+    "IsolationMachine",
+    "SessionLog",
+    "acting_as",
+    "assert_no_leaks",
+    "assert_no_violations",
+    "record_sessions",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from reqscope._agents import AgentInstanceFactory
 from reqscope._sessions import IsolatedSessionFactory
 
 __all__ = ["assert_no_leaks", "assert_no_violations"]
@@ -31,15 +32,31 @@ def assert_no_leaks(factory: IsolatedSessionFactory) -> None:
         raise AssertionError("reqscope found leaks:\n  " + "\n  ".join(problems))
 
 
-def assert_no_violations(factory: IsolatedSessionFactory) -> None:
-    """Fail if any session was used by another user or outside its scope.
+def assert_no_violations(factory: IsolatedSessionFactory | AgentInstanceFactory) -> None:
+    """Fail if reqscope refused any cross-user or out-of-scope use.
+
+    For an :class:`IsolatedSessionFactory`: a session used by another user or request, or
+    after its scope. For an :class:`AgentInstanceFactory`: an agent used by another user's
+    request, and the violations of the session factory it hands sessions from (``sessions=``).
 
     Raises:
         AssertionError: with the counts.
     """
-    metrics = factory.metrics()
-    if metrics.isolation_violations or metrics.scope_violations:
+    problems = []
+    if isinstance(factory, AgentInstanceFactory):
+        if factory.isolation_violations:
+            problems.append(f"{factory.isolation_violations} agent isolation violation(s)")
+        sessions = factory.sessions
+    else:
+        sessions = factory
+    if sessions is not None:
+        metrics = sessions.metrics()
+        if metrics.isolation_violations or metrics.scope_violations:
+            problems.append(
+                f"{metrics.isolation_violations} isolation violation(s) and "
+                f"{metrics.scope_violations} scope violation(s) of sessions"
+            )
+    if problems:
         raise AssertionError(
-            f"reqscope refused {metrics.isolation_violations} isolation violation(s) and "
-            f"{metrics.scope_violations} scope violation(s); see the 'reqscope' log for ids"
+            "reqscope refused " + "; ".join(problems) + "; see the 'reqscope' log for ids"
         )
