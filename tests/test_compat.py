@@ -72,6 +72,42 @@ def test_the_private_accesses_are_in_use_unless_fallbacks_are_forced() -> None:
     assert (_compat.aiosqlite_connect() is not None) is guarded
 
 
+@pytest.mark.skipif(
+    _compat.aiosqlite_connect() is None, reason="aiosqlite as it is: nothing waits for a stop"
+)
+async def test_a_closing_factory_waits_for_the_sqlite_threads_it_force_stopped(tmp_path) -> None:
+    """A reclaimed connection's worker thread is done before ``aclose()`` returns.
+
+    Otherwise it finishes after the event loop closed and fails there ("Event loop is
+    closed"), as a reclaim just before an application shuts down would.
+    """
+    import asyncio
+    import threading
+    import time
+
+    workers: list[threading.Thread] = []
+
+    def nap() -> int:  # keeps the connection's worker thread busy past the factory's close
+        workers.append(threading.current_thread())
+        time.sleep(1.0)
+        return 1
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}"
+    factory = IsolatedSessionFactory(url, max_session_lifetime=0.01, leak_check_interval=3600)
+    async with factory, factory.session(UserExecutionContext.create("alice")) as session:
+        raw = await (await session.connection()).get_raw_connection()
+        await raw.driver_connection.create_function("nap", 0, nap)
+        busy = asyncio.ensure_future(raw.driver_connection.execute("SELECT nap()"))
+        while not workers:
+            await asyncio.sleep(0.01)
+        (report,) = factory.leak_detector.scan()  # reclaims: SQLAlchemy force-stops it
+        assert report.reclaimed
+    (worker,) = workers
+    worker.join(0.2)
+    assert not worker.is_alive()
+    await asyncio.wait([busy])
+
+
 def test_the_isolation_suites_pass_with_every_fallback_forced(tmp_path) -> None:
     """Run the session, enforcement and pool suites with REQSCOPE_COMPAT_FALLBACKS=1.
 

@@ -22,8 +22,10 @@ that way, so each fallback is exercised, not just written.
   Fallback: the overflow of pools :func:`~reqscope.build_engine` made, else the overflow in
   use now (a lower bound).
 - **aiosqlite's ``Connection._running``/``_thread``**, to make a second ``stop()`` of a
-  connection a no-op (otherwise a cancelled statement can leave a task that never ends).
-  Fallback: aiosqlite as it is.
+  connection a no-op (otherwise a cancelled statement can leave a task that never ends),
+  and to let a closing factory wait for the worker threads SQLAlchemy force-stopped
+  (otherwise a thread that finishes after the event loop closed fails with "Event loop
+  is closed"). Fallback: aiosqlite as it is.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ __all__ = [
     "FALLBACKS_FORCED",
     "add_statement_check",
     "aiosqlite_connect",
+    "aiosqlite_stopped",
     "anyio_may_cancel",
     "fair_pool_class",
     "handoff_queue_of",
@@ -247,7 +250,10 @@ def aiosqlite_connect() -> Callable[..., Any] | None:
         def stop(self) -> asyncio.Future[Any] | None:
             if not getattr(self, "_running", True):  # a stop is queued; the thread ends after it
                 return None
-            return super().stop()
+            stopped = super().stop()
+            if stopped is not None:  # SQLAlchemy's terminate() never awaits it
+                _STOPPING.add(stopped)
+            return stopped
 
     def connect(database: Any, *, iter_chunk_size: int = 64, **kwargs: Any) -> Any:
         location = database.decode() if isinstance(database, bytes) else str(database)
@@ -260,3 +266,21 @@ def aiosqlite_connect() -> Callable[..., Any] | None:
         return connection
 
     return connect
+
+
+# stop() futures of aiosqlite worker threads that were told to stop and may still be running
+_STOPPING: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
+
+
+async def aiosqlite_stopped(timeout: float) -> None:
+    """Wait, at most ``timeout`` seconds, for the force-stopped worker threads of this loop.
+
+    SQLAlchemy terminates an invalidated aiosqlite connection with ``stop()`` and never
+    awaits it: the worker thread closes the connection later and hands its result to the
+    event loop, which fails ("Event loop is closed") in the thread when the loop is gone by
+    then, as it is right after an application shuts down. A closing factory waits here.
+    """
+    loop = asyncio.get_running_loop()
+    pending = [stop for stop in _STOPPING if not stop.done() and stop.get_loop() is loop]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)

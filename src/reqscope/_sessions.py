@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from typing_extensions import Self
 
+from reqscope import _compat
 from reqscope._breaker import CircuitBreaker
 from reqscope._context import current_context_or_none
 from reqscope._enforcement import ReqscopeSession, tenant_session_class
@@ -367,6 +368,7 @@ class IsolatedSessionFactory:
                 replica.hooks.remove()
             if self.owns_engine:
                 await self._dispose(self.engine)
+            await _compat.aiosqlite_stopped(self.cleanup_timeout)
         if self._tempdir is not None:
             shutil.rmtree(self._tempdir, ignore_errors=True)
 
