@@ -243,6 +243,10 @@ class ConnectionCleanup:
         """Invalidate ``conn`` at the next :meth:`drain` (its driver closes from async code)."""
         self._pending.append(conn)
 
+    def forget(self) -> None:
+        """Drop the deferred invalidations unclosed: a forked child's, whose parent owns them."""
+        self._pending = []
+
     async def drain(self) -> None:
         """Finish the invalidations :meth:`defer` left."""
         pending, self._pending = self._pending, []

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
 
+from reqscope import _compat
 from reqscope._cleanup import ConnectionCleanup
 from reqscope._context import log_fields
 from reqscope._pool import pool_stats
@@ -93,6 +94,23 @@ class SessionKeeper:
     async def start_on_first_use(self) -> None:
         """Start the factory (a session opened before anyone started it, or after a close)."""
         await self._start()
+
+    def after_fork(self) -> None:
+        """In a forked child: let go of the parent's connections without closing them.
+
+        The child gets a new, empty pool (SQLAlchemy's recipe, ``dispose(close=False)``):
+        a pooled connection's socket is shared with the parent, and using or closing it
+        here would corrupt or end the parent's conversation with the server. The factory
+        starts again on its first session in the child.
+        """
+        pool = self.engine.sync_engine.pool
+        max_overflow = _compat.pool_max_overflow(pool)
+        self.engine.sync_engine.dispose(close=False)
+        if max_overflow is not None:
+            _compat.remember_max_overflow(self.engine.sync_engine.pool, max_overflow)
+        self.cleanup.forget()
+        self.joined = None
+        self.started = False
 
     def new_session(self) -> AsyncSession:
         """A new session of the factory's session class and arguments.

@@ -362,6 +362,11 @@ class SessionRegistry:
             self._reported[entry] = entry
             self.sessions_closed -= 1
 
+    def forget_all(self) -> None:
+        """Count every open session as closed and forget it (a forked child holds none)."""
+        for entry in list(self.entries()):
+            self.discard(entry)
+
     def entries(self) -> Iterator[Entry]:
         """Every open session, oldest first within each bucket."""
         for bucket in self._buckets.values():

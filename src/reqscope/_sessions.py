@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import weakref
@@ -60,6 +61,18 @@ DEFAULT_CLEANUP_TIMEOUT: Final = 5.0
 REPLICA_CHECK_TIMEOUT: Final = 2.0
 
 T = TypeVar("T")
+
+# every factory of this process, so that a forked child can make each start afresh
+_FACTORIES: weakref.WeakSet[IsolatedSessionFactory] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for factory in list(_FACTORIES):
+        factory._after_fork()  # noqa: SLF001 - this module's own class
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX (Windows has no fork)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _refuse_unusable_bind(bind: object, session_kwargs: Mapping[str, Any] | None) -> None:
@@ -215,6 +228,7 @@ class IsolatedSessionFactory:
         self._detector: asyncio.Task[None] | None = None
         self._replica_checks: asyncio.Task[None] | None = None
         self._install_hooks()
+        _FACTORIES.add(self)
 
     def _replica(
         self, bind: AsyncEngine | str, pool: PoolConfig | None, settings: dict[str, Any]
@@ -326,6 +340,20 @@ class IsolatedSessionFactory:
             "`await factory.aclose()` (or use `async with factory:` / your app's lifespan)",
         )
         await self.start()
+
+    def _after_fork(self) -> None:
+        """In a forked child (gunicorn ``--preload``, ``multiprocessing``): start afresh.
+
+        The parent's pooled connections, open sessions and background tasks are not the
+        child's: the pools are replaced without closing what the parent still uses, the
+        parent's sessions are forgotten, and the factory starts again on its first session
+        (or its app's lifespan) in the child.
+        """
+        self._detector = self._replica_checks = None  # tasks of the parent's event loop
+        for keeper in self._keepers():
+            keeper.after_fork()
+        self._keeper.registry.forget_all()
+        logger.debug("reqscope: forked child %s: the factory starts afresh", os.getpid())
 
     def _reopen(self) -> None:
         self._closed = False
