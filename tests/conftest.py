@@ -25,6 +25,10 @@ from reqscope import IsolatedSessionFactory, PoolConfig, UserExecutionContext
 pytest_plugins = ["pytester"]
 
 REQUIRE_SERVICES = os.environ.get("REQSCOPE_REQUIRE_SERVICES") == "1"
+# The PostgreSQL suites run a second time through PgBouncer in transaction mode (.ci/run):
+# the URLs then point at the pooler, REQSCOPE_POOLER=pgbouncer declares it, and
+# REQSCOPE_TEST_POOLED_SERVER_PORT is the port of the server behind it.
+POOLER = os.environ.get("REQSCOPE_POOLER") or None
 
 # Timings on a shared machine, under coverage's tracer, say nothing about the code: no
 # deadline, and no health check failing a test because generating its inputs was slow.
@@ -51,12 +55,13 @@ _SERVERS = {
     "postgres-psycopg": "REQSCOPE_TEST_PSYCOPG_URL",
     "mysql-asyncmy": "REQSCOPE_TEST_MYSQL_URL",
 }
-# Message brokers, and the read replica (a hot standby of the PostgreSQL server, which
-# refuses writes): not in the `database` fixture's parameters.
+# Message brokers, the read replica (a hot standby of the PostgreSQL server, which refuses
+# writes) and PgBouncer in front of the server: not in the `database` fixture's parameters.
 _BROKERS = {
     "rabbitmq": "REQSCOPE_TEST_AMQP_URL",
     "redis": "REQSCOPE_TEST_REDIS_URL",
     "postgres-replica": "REQSCOPE_TEST_REPLICA_URL",
+    "pgbouncer": "REQSCOPE_TEST_PGBOUNCER_URL",  # transaction mode, in front of the server
 }
 
 
@@ -100,6 +105,14 @@ async def marked_sqlite(path: Path, name: str) -> str:
         await conn.execute(text("INSERT INTO whereami VALUES (:name)"), {"name": name})
     await engine.dispose()
     return url
+
+
+def server_behind(url: str) -> str:
+    """``url``, or behind a pooler the same URL to the server itself (for observers)."""
+    if POOLER is None:
+        return url
+    port = int(os.environ.get("REQSCOPE_TEST_POOLED_SERVER_PORT", "5432"))
+    return make_url(url).set(port=port).render_as_string(hide_password=False)
 
 
 @pytest.fixture

@@ -132,8 +132,8 @@ def test_only_connection_failures_count() -> None:
 
 
 class _SQLStateError(Exception):
-    def __init__(self, sqlstate: str) -> None:
-        super().__init__(sqlstate)
+    def __init__(self, sqlstate: str, message: str = "") -> None:
+        super().__init__(message or sqlstate)
         self.sqlstate = sqlstate
 
 
@@ -152,6 +152,10 @@ class _SQLStateError(Exception):
         (Exception('FATAL:  role "x" does not exist'), True),
         (Exception("FATAL:  no pg_hba.conf entry for host"), True),
         (ConnectionRefusedError(111, "refused"), False),
+        # PgBouncer relays a refused login under its protocol-violation SQLSTATE
+        (_SQLStateError("08P01", 'database "x" does not exist'), True),
+        (_SQLStateError("08P01", "no such user"), True),
+        (_SQLStateError("08P01", "server login has been failing, try again later"), False),
     ],
 )
 def test_configuration_errors_are_told_apart_from_outages(error, configuration) -> None:

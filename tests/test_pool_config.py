@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from reqscope import PoolConfig, _compat, build_engine
+from reqscope import PoolConfig, ReqscopeError, _compat, build_engine
 from reqscope._pool import pool_stats
 
 pytestmark = pytest.mark.anyio
@@ -19,6 +19,7 @@ pytestmark = pytest.mark.anyio
         ({"max_overflow": -1}, "max_overflow must be >= 0"),
         ({"pool_timeout": 0}, "must be positive"),
         ({"connect_timeout": -1.0}, "must be positive"),
+        ({"pooler": "odyssey"}, "pooler must be one of"),
     ],
 )
 def test_bad_pool_settings_are_refused(settings, message) -> None:
@@ -77,3 +78,88 @@ async def test_capacity_of_a_pool_build_engine_made_survives_the_fallback(
 def test_without_anyio_task_records_every_task_counts_as_cancellable(monkeypatch) -> None:
     monkeypatch.setattr(_compat, "_TASK_STATES", None)
     assert _compat.anyio_may_cancel(object()) is True  # type: ignore[arg-type]
+
+
+PG = "postgresql+asyncpg://app@db.example/app"
+
+
+class _CapturedError(Exception):
+    pass
+
+
+async def _connect_args(engine) -> dict:
+    """What the engine passes to the driver's connect (captured, nothing connects)."""
+    from sqlalchemy import event
+
+    captured: dict = {}
+
+    def capture(_dialect, _record, _cargs, cparams) -> None:
+        captured.update(cparams)
+        raise _CapturedError
+
+    event.listen(engine.sync_engine, "do_connect", capture)
+    with pytest.raises(_CapturedError):
+        await engine.connect()
+    return captured
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (PG, {"statement_cache_size": 0, "prepared_statement_cache_size": 0}),
+        ("postgresql+psycopg://app@db.example/app", {"prepare_threshold": None}),
+    ],
+)
+def test_a_declared_pooler_turns_prepared_statements_off(url, expected) -> None:
+    from sqlalchemy.engine import make_url
+
+    from reqscope._pool import connect_args
+
+    args = connect_args(make_url(url), 5.0, "pgbouncer")
+    for key, value in expected.items():
+        assert args[key] == value
+    if "asyncpg" in url:
+        assert args["prepared_statement_name_func"]() == ""  # the unnamed statement
+    plain = connect_args(make_url(url), 5.0)
+    assert not set(expected) & set(plain)
+
+
+def test_the_environment_declares_the_pooler_for_postgresql_only(monkeypatch, tmp_path) -> None:
+    from sqlalchemy.engine import make_url
+
+    from reqscope._pool import resolve_pooler
+
+    monkeypatch.setenv("REQSCOPE_POOLER", "pgbouncer")
+    assert resolve_pooler(make_url(PG), None) == "pgbouncer"
+    assert resolve_pooler(make_url(f"sqlite+aiosqlite:///{tmp_path}/a.db"), None) is None
+    assert resolve_pooler(make_url(PG), "pgbouncer") == "pgbouncer"
+    monkeypatch.setenv("REQSCOPE_POOLER", "")
+    assert resolve_pooler(make_url(PG), None) is None
+    monkeypatch.setenv("REQSCOPE_POOLER", "pgpool")
+    with pytest.raises(ReqscopeError, match="REQSCOPE_POOLER='pgpool' names no pooler"):
+        resolve_pooler(make_url(PG), None)
+
+
+def test_pooler_settings_that_cannot_work_are_refused(monkeypatch, tmp_path) -> None:
+    with pytest.raises(ReqscopeError, match="is not PostgreSQL"):
+        build_engine(f"sqlite+aiosqlite:///{tmp_path}/a.db", pool=PoolConfig(pooler="pgbouncer"))
+    with pytest.raises(ReqscopeError, match="reset_session"):
+        build_engine(PG, pool=PoolConfig(reset_session=True, pooler="pgbouncer"))
+    monkeypatch.setenv("REQSCOPE_POOLER", "pgbouncer")
+    with pytest.raises(ReqscopeError, match="REQSCOPE_POOLER"):
+        build_engine(PG, pool=PoolConfig(reset_session=True))
+
+
+async def test_connect_args_of_yours_are_added_to_reqscopes() -> None:
+    engine = build_engine(
+        PG,
+        pool=PoolConfig(pooler="pgbouncer"),
+        connect_args={"server_settings": {"application_name": "mine"}, "timeout": 9},
+    )
+    try:
+        args = await _connect_args(engine)
+        assert args["server_settings"] == {"application_name": "mine"}
+        assert args["timeout"] == 9  # yours wins
+        assert args["statement_cache_size"] == 0  # reqscope's stays
+    finally:
+        await engine.dispose()

@@ -43,10 +43,12 @@ _CONFIGURATION_SQLSTATES: Final = ("28", "3D000")
 # MySQL/MariaDB error codes for the same: access denied (to the server, to the database),
 # unknown database.
 _CONFIGURATION_MYSQL_CODES: Final = frozenset({1044, 1045, 1049, 1698})
-# What libpq says for them (psycopg sets no SQLSTATE on a failed connect).
+# What libpq says for them (psycopg sets no SQLSTATE on a failed connect), and what
+# PgBouncer says, under its protocol-violation SQLSTATE, when the server refused the login.
+_MESSAGE_SQLSTATES: Final = (None, "08P01")
 _CONFIGURATION_MESSAGES: Final = re.compile(
     r"password authentication failed|role \".*\" does not exist|"
-    r"database \".*\" does not exist|no pg_hba\.conf entry"
+    r"database \".*\" does not exist|no pg_hba\.conf entry|no such user"
 )
 
 
@@ -65,7 +67,7 @@ def is_configuration_error(error: BaseException) -> bool:
     args = getattr(error, "args", ())
     if args and isinstance(args[0], int) and args[0] in _CONFIGURATION_MYSQL_CODES:
         return True
-    return sqlstate is None and _CONFIGURATION_MESSAGES.search(str(error)) is not None
+    return sqlstate in _MESSAGE_SQLSTATES and _CONFIGURATION_MESSAGES.search(str(error)) is not None
 
 
 def is_connection_failure(error: BaseException, *, connecting: bool = False) -> bool:

@@ -123,12 +123,16 @@ class ConnectionCleanup:
     Attributes:
         timeout: seconds a close (rollback, return to the pool) or an invalidation may take.
         failures: closes that failed, overran ``timeout`` or were interrupted.
+        graceful: invalidate through the driver's graceful close. Off behind a pooler:
+            asyncpg's graceful close of a busy connection sends a CancelRequest that its
+            force-close then aborts half-way, and PgBouncer 1.18 exits on such a request.
     """
 
-    __slots__ = ("_pending", "failures", "timeout", "watchdog")
+    __slots__ = ("_pending", "failures", "graceful", "timeout", "watchdog")
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, *, graceful: bool = True) -> None:
         self.timeout = timeout
+        self.graceful = graceful
         self.failures = 0
         self.watchdog = CleanupWatchdog()
         self._pending: list[Connection] = []  # invalidations left for async code to finish
@@ -226,11 +230,13 @@ class ConnectionCleanup:
     async def invalidate_gracefully(self, conn: Connection | None) -> None:
         """Invalidate ``conn`` through the driver's graceful close, shielded and bounded.
 
-        Falls back to :meth:`invalidate` when the graceful close fails or overruns.
+        Falls back to :meth:`invalidate` when the graceful close fails or overruns, and
+        goes straight to it where :attr:`graceful` is off and the driver can force-close.
         """
         if conn is None:  # the session never got a connection
             return
-        if not conn.closed and not conn.invalidated:
+        graceful = self.graceful or not conn.dialect.has_terminate
+        if graceful and not conn.closed and not conn.invalidated:
             with (
                 anyio.CancelScope(shield=True),
                 anyio.move_on_after(self.timeout),

@@ -21,6 +21,11 @@ that way, so each fallback is exercised, not just written.
 - **SQLAlchemy's ``QueuePool._max_overflow``**, for a pool's capacity in ``PoolStats``.
   Fallback: the overflow of pools :func:`~reqscope.build_engine` made, else the overflow in
   use now (a lower bound).
+- **asyncpg's ``Connection._cancellations``**, the CancelRequests asyncpg sends by itself
+  when a statement's task is cancelled. Behind a pooler in transaction mode reqscope waits
+  for them before SQLAlchemy force-closes the connection (which would abort them half-way:
+  the statement runs on, and PgBouncer 1.18 crashes on a cancel client that vanishes).
+  Fallback: no wait (the statement runs on until it ends or hits ``statement_timeout``).
 - **aiosqlite's ``Connection._running``/``_thread``**, to make a second ``stop()`` of a
   connection a no-op (otherwise a cancelled statement can leave a task that never ends),
   and to let a closing factory wait for the worker threads SQLAlchemy force-stopped
@@ -53,6 +58,7 @@ __all__ = [
     "aiosqlite_connect",
     "aiosqlite_stopped",
     "anyio_may_cancel",
+    "asyncpg_cancellations",
     "fair_pool_class",
     "handoff_queue_of",
     "pool_max_overflow",
@@ -220,6 +226,17 @@ def pool_max_overflow(pool: Pool) -> int | None:
     if isinstance(value, int):
         return value
     return _MAX_OVERFLOW.get(pool)
+
+
+# -- asyncpg ------------------------------------------------------------------------------
+
+
+def asyncpg_cancellations(connection: Any) -> list[asyncio.Task[Any]]:
+    """The CancelRequests asyncpg is sending for ``connection`` now (empty when unknown)."""
+    tasks = None if FALLBACKS_FORCED else getattr(connection, "_cancellations", None)
+    if not isinstance(tasks, set):
+        return []
+    return [task for task in tasks if isinstance(task, asyncio.Task) and not task.done()]
 
 
 # -- aiosqlite ----------------------------------------------------------------------------

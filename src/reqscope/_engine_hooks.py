@@ -7,6 +7,7 @@ cancellation (whose server-side backend keeps running), and SQLite's "database i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
@@ -15,6 +16,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util import await_only
 
+from reqscope import _compat
 from reqscope._breaker import is_configuration_error, is_connection_failure
 from reqscope._enforcement import reclaimed_error
 from reqscope._pool import connect_args
@@ -35,6 +37,7 @@ __all__ = ["EngineHooks"]
 logger = logging.getLogger(__name__)
 
 _PID_KEY: Final = "reqscope.backend_pid"
+_CANCEL_KEY: Final = "reqscope.cancel_key"  # psycopg behind a pooler: its PGcancel
 
 
 class EngineHooks:
@@ -62,7 +65,13 @@ class EngineHooks:
         how(engine, "handle_error", self._reclaimed_statement)
         how(engine, "do_connect", self._connect)
         if self._engine.dialect.name == "postgresql":
-            how(engine, "connect", _remember_backend_pid)
+            # Behind a pooler in transaction mode a connection's server backend changes
+            # between transactions (PgBouncer reports a pid of its own): never cancel by
+            # pid there, send the pooler a CancelRequest.
+            if self._keeper.pooler is None:
+                how(engine, "connect", _remember_backend_pid)
+            else:
+                how(engine, "connect", _remember_cancel_key)
             how(engine, "handle_error", self._stop_cancelled_statement)
 
     async def aclose(self) -> None:
@@ -130,22 +139,44 @@ class EngineHooks:
         if isinstance(original, Exception) or context.connection is None:
             return  # only exit exceptions: cancellation, KeyboardInterrupt
         try:
-            pid = context.connection.info.get(_PID_KEY)
+            info = context.connection.info
+            driver = context.connection.connection.driver_connection
         except NotImplementedError:  # cancelled while connecting: nothing runs on the server
             return
-        if pid is None:
+        pid = info.get(_PID_KEY)
+        if pid is None and self._keeper.pooler is None:
             return
         try:
             with anyio.CancelScope(shield=True):  # noqa: ASYNC100 - await_only awaits inside
-                await_only(self._cancel_backend(pid))
+                if pid is not None:
+                    await_only(self._cancel_backend(pid))
+                else:
+                    await_only(self._cancel_through_pooler(driver, info.get(_CANCEL_KEY)))
         except Exception as error:  # a cancellation is not an error: say so, at WARNING
             logger.warning(
                 "reqscope: could not cancel the server-side statement of a cancelled request "
                 "(backend %s): %s: %s; the server stops it when the connection closes",
-                pid,
+                pid if pid is not None else f"behind {self._keeper.pooler}",
                 type(error).__name__,
                 error,
             )
+
+    async def _cancel_through_pooler(self, driver: Any, cancel_key: Any) -> None:
+        """Cancel the statement with a CancelRequest, which the pooler forwards.
+
+        asyncpg sends one by itself when a statement's task is cancelled: wait for it to be
+        sent and answered (the force-close that follows would abort it). With psycopg, send
+        one with the cancel key noted at connect (psycopg may have closed the connection
+        by now), from a worker thread: libpq's cancel blocks.
+        """
+        with anyio.fail_after(self._timeout):
+            if cancel_key is not None:  # psycopg
+                await anyio.to_thread.run_sync(cancel_key.cancel)
+                return
+            await asyncio.sleep(0)  # asyncpg starts its CancelRequest from a callback
+            sending = _compat.asyncpg_cancellations(driver)
+            if sending:
+                await asyncio.wait(sending)
 
     async def _cancel_backend(self, pid: int) -> None:
         if self._control_engine is None:
@@ -197,6 +228,17 @@ def _sqlite_refused_commit(context: Any) -> None:
             exc_info=True,
         )
         context.connection.invalidate()
+
+
+def _remember_cancel_key(_dbapi_connection: object, record: Any) -> None:
+    """``connect`` listener behind a pooler: note psycopg's cancel key (libpq's PGcancel).
+
+    The pooler hands the client a key of its own and forwards a CancelRequest bearing it
+    to the server connection that runs the client's statement at that moment.
+    """
+    pgconn = getattr(record.driver_connection, "pgconn", None)
+    if pgconn is not None:
+        record.info[_CANCEL_KEY] = pgconn.get_cancel()
 
 
 def _remember_backend_pid(_dbapi_connection: object, record: Any) -> None:

@@ -66,8 +66,9 @@ class HealthProbe:
     A saturated application pool must read "degraded", not make the check wait for a slot.
     """
 
-    def __init__(self, url: URL) -> None:
+    def __init__(self, url: URL, pooler: str | None = None) -> None:
         self._url = url
+        self._pooler = pooler
         self._engine: AsyncEngine | None = None
         # warnings about how the URL reaches the server; None until the first probe asks
         self._warnings: tuple[str, ...] | None = None
@@ -76,7 +77,7 @@ class HealthProbe:
         if self._engine is None:
             url = self._url
             self._engine = create_async_engine(
-                url, poolclass=NullPool, connect_args=connect_args(url, timeout)
+                url, poolclass=NullPool, connect_args=connect_args(url, timeout, self._pooler)
             )
             if url.get_backend_name() == "sqlite":
                 event.listen(self._engine.sync_engine, "connect", sqlite_pragmas)

@@ -51,6 +51,7 @@ class SessionKeeper:
         tenant: the tenant policy sessions are confined by (None: none).
         statement_timeout: the factory's bound on one statement, in seconds (PostgreSQL).
         capture_stacks: record the stack that opened each session.
+        pooler: the pooler in transaction mode in front of PostgreSQL (None: none).
         started: the factory is started (its leak detector runs).
     """
 
@@ -67,6 +68,7 @@ class SessionKeeper:
         tenant: TenantPolicy | None,
         statement_timeout: float | None,
         capture_stacks: bool,
+        pooler: str | None,
         start: Callable[[], Awaitable[None]],
         registry: SessionRegistry | None = None,
     ) -> None:
@@ -74,12 +76,13 @@ class SessionKeeper:
         # a read replica's keeper shares its factory's registry: one view of every session
         self.registry = SessionRegistry() if registry is None else registry
         self.breaker = breaker
-        self.cleanup = ConnectionCleanup(cleanup_timeout)
+        self.cleanup = ConnectionCleanup(cleanup_timeout, graceful=pooler is None)
         self.max_session_lifetime = max_session_lifetime
         self.enforce_owner = enforce_owner
         self.tenant = tenant
         self.statement_timeout = statement_timeout
         self.capture_stacks = capture_stacks
+        self.pooler = pooler
         self.started = False
         # outer_transaction(): the connection every new session joins (None: the engine)
         self.joined: AsyncConnection | None = None

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 import anyio
 from sqlalchemy import event
@@ -27,10 +28,47 @@ from reqscope.exceptions import ReqscopeError
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-__all__ = ["PoolConfig", "PoolStats", "build_engine", "pool_stats"]
+__all__ = ["PoolConfig", "PoolStats", "Pooler", "build_engine", "pool_stats"]
 
 DEFAULT_CONNECT_TIMEOUT: Final = 5.0
 SQLITE_BUSY_TIMEOUT_MS: Final = 5_000
+
+#: A connection pooler between the application and PostgreSQL, in transaction mode.
+Pooler = Literal["pgbouncer"]
+POOLERS: Final = ("pgbouncer",)
+#: Declares the pooler where the code does not (``PoolConfig(pooler=...)`` wins).
+POOLER_VARIABLE: Final = "REQSCOPE_POOLER"
+
+
+def resolve_pooler(url: URL, declared: Pooler | None) -> Pooler | None:
+    """The pooler in front of ``url``'s server: declared in code, else by the environment.
+
+    ``REQSCOPE_POOLER`` concerns PostgreSQL URLs only; unset or empty, there is none.
+
+    Raises:
+        ReqscopeError: ``REQSCOPE_POOLER`` names no pooler reqscope knows.
+    """
+    if declared is not None or url.get_backend_name() != "postgresql":
+        return declared
+    value = os.environ.get(POOLER_VARIABLE) or None
+    if value is not None and value not in POOLERS:
+        raise ReqscopeError(
+            f"{POOLER_VARIABLE}={value!r} names no pooler reqscope knows; set it to one of "
+            f"{', '.join(POOLERS)}, or unset it when nothing stands between the application "
+            "and PostgreSQL"
+        )
+    return cast("Pooler | None", value)
+
+
+def unnamed_statement() -> str:
+    """The name asyncpg gives its statements behind a pooler: none (the unnamed statement).
+
+    A named statement outlives its transaction on a server connection that other clients
+    share: with repeating names a second client's statement collides with it ("already
+    exists"), with unique names they pile up on the server. The unnamed statement is
+    replaced by the next one; asyncpg re-parses it before each use without a cache.
+    """
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +94,12 @@ class PoolConfig:
             cache). Off by default: turn it on when application code runs ``SET`` (not
             ``SET LOCAL``), temporary tables or session advisory locks; it costs one more
             round trip per request (docs/performance.md).
+        pooler: ``"pgbouncer"`` when PgBouncer (or another pooler in transaction mode)
+            stands between the application and PostgreSQL: consecutive transactions of one
+            connection then run on different server connections, so prepared statements
+            are neither cached nor named (asyncpg) nor prepared at all (psycopg), and a
+            cancelled statement is not cancelled by server pid. When None, the
+            ``REQSCOPE_POOLER`` environment variable declares it for PostgreSQL URLs.
     """
 
     pool_size: int = 10
@@ -65,8 +109,11 @@ class PoolConfig:
     pool_pre_ping: bool = True
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     reset_session: bool = False
+    pooler: Pooler | None = None
 
     def __post_init__(self) -> None:
+        if self.pooler is not None and self.pooler not in POOLERS:
+            raise ValueError(f"pooler must be one of {POOLERS} or None, got {self.pooler!r}")
         if self.pool_size < 1:
             raise ValueError(f"pool_size must be >= 1, got {self.pool_size}")
         if self.max_overflow < 0:
@@ -181,12 +228,22 @@ def _driver(url: URL) -> str:
     return url.drivername.partition("+")[2]
 
 
-def connect_args(url: URL, timeout: float) -> dict[str, Any]:
+def connect_args(url: URL, timeout: float, pooler: str | None = None) -> dict[str, Any]:
+    """The driver's connect arguments: a bounded connect, and what ``pooler`` needs."""
     driver = _driver(url)
     if driver == "asyncpg":
-        return {"timeout": timeout}
+        if pooler is None:
+            return {"timeout": timeout}
+        return {
+            "timeout": timeout,
+            "statement_cache_size": 0,  # asyncpg's own cache
+            "prepared_statement_cache_size": 0,  # SQLAlchemy's, on top of asyncpg's
+            "prepared_statement_name_func": unnamed_statement,
+        }
     if driver in {"psycopg", "psycopg_async"}:
-        return {"connect_timeout": max(1, round(timeout))}
+        if pooler is None:
+            return {"connect_timeout": max(1, round(timeout))}
+        return {"connect_timeout": max(1, round(timeout)), "prepare_threshold": None}
     if driver in {"asyncmy", "aiomysql"}:
         # Their connect_timeout covers the TCP connect, not the handshake with a server
         # that accepts and never answers: bound the whole connect.
@@ -292,15 +349,16 @@ def build_engine(
         url: an async database URL (``postgresql+asyncpg://...``, ``sqlite+aiosqlite:///f.db``).
         pool: pool settings; :meth:`PoolConfig.standard` when omitted.
         **engine_kwargs: passed to :func:`sqlalchemy.ext.asyncio.create_async_engine`
-            (and win over the pool settings).
+            (and win over the pool settings); ``connect_args`` are added to reqscope's
+            (the connect timeout, what the pooler needs), each of yours winning.
 
     Returns:
         A new engine; the caller owns it and must ``await engine.dispose()``.
 
     Raises:
         ReqscopeError: the URL is malformed, names in-memory SQLite, or its driver is not
-            installed (the message names the extra to install); ``reset_session`` on a
-            database other than PostgreSQL.
+            installed (the message names the extra to install); ``reset_session`` or
+            ``pooler`` on a database other than PostgreSQL.
     """
     try:
         parsed = make_url(url)
@@ -316,16 +374,34 @@ def build_engine(
             f"PoolConfig(reset_session=True) resets PostgreSQL sessions; {parsed.drivername!r} "
             "is not PostgreSQL: leave reset_session off there"
         )
+    if config.pooler is not None and parsed.get_backend_name() != "postgresql":
+        raise ReqscopeError(
+            f"PoolConfig(pooler={config.pooler!r}) is for PostgreSQL behind {config.pooler}; "
+            f"{parsed.drivername!r} is not PostgreSQL: leave pooler unset there"
+        )
+    pooler = resolve_pooler(parsed, config.pooler)
+    if pooler is not None and config.reset_session:
+        raise ReqscopeError(
+            "PoolConfig(reset_session=True) resets a server connection that a pooler in "
+            f"transaction mode hands to other clients between transactions; behind {pooler} "
+            "(declared by PoolConfig(pooler=...) or REQSCOPE_POOLER) leave it off: the pooler "
+            "resets server connections itself (PgBouncer's server_reset_query)"
+        )
     kwargs: dict[str, Any] = {
         "poolclass": fair_pool_class(),
         "pool_size": config.pool_size,
         "max_overflow": config.max_overflow,
         "pool_timeout": config.pool_timeout,
         "pool_recycle": config.pool_recycle,
-        "connect_args": connect_args(parsed, config.connect_timeout),
+        "connect_args": connect_args(parsed, config.connect_timeout, pooler),
     }
     # pool_pre_ping in engine_kwargs asks for SQLAlchemy's own, unbounded ping
     bounded_ping = config.pool_pre_ping and "pool_pre_ping" not in engine_kwargs
+    # connect_args of the caller's are added to reqscope's, each of theirs winning
+    engine_kwargs = {
+        **engine_kwargs,
+        "connect_args": {**kwargs["connect_args"], **engine_kwargs.get("connect_args", {})},
+    }
     kwargs.update(engine_kwargs)
     try:
         engine = create_async_engine(parsed, **kwargs)

@@ -33,7 +33,14 @@ from reqscope._engine_hooks import EngineHooks
 from reqscope._health import HealthProbe
 from reqscope._keeper import SessionKeeper
 from reqscope._leaks import LeakDetector
-from reqscope._pool import PoolConfig, PoolStats, build_engine, pool_stats, refuse_memory_sqlite
+from reqscope._pool import (
+    PoolConfig,
+    PoolStats,
+    build_engine,
+    pool_stats,
+    refuse_memory_sqlite,
+    resolve_pooler,
+)
 from reqscope._registry import Entry, FactoryMetrics, SessionRecord
 from reqscope._replicas import Replica, ReplicaSet, ReplicaStatus
 from reqscope._retry import retry_transaction
@@ -204,6 +211,7 @@ class IsolatedSessionFactory:
             "tenant": tenant,
             "statement_timeout": self._check_statement_timeout(statement_timeout),
             "capture_stacks": capture_stacks,
+            "pooler": resolve_pooler(self.engine.url, pool.pooler if pool else None),
             "start": self._start_on_first_use,
         }
         self._keeper = SessionKeeper(
@@ -224,7 +232,7 @@ class IsolatedSessionFactory:
         )
         self._closed = False
         self._hooks = EngineHooks(self._keeper)
-        self._health = HealthProbe(self.engine.url)
+        self._health = HealthProbe(self.engine.url, self._keeper.pooler)
         self._detector: asyncio.Task[None] | None = None
         self._replica_checks: asyncio.Task[None] | None = None
         self._install_hooks()

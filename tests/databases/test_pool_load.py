@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from conftest import _SERVERS, server_url
+from conftest import _SERVERS, POOLER, server_url
 from reqscope import (
     CircuitBreaker,
     CircuitState,
@@ -129,6 +129,11 @@ async def test_a_refused_login_is_a_configuration_error_that_never_opens_the_cir
         if wrong == "database"
         else url.set(username="reqscope_no_such_role")
     )
+    if POOLER is not None and wrong == "database":
+        pytest.skip(
+            "PgBouncer answers a login to an unknown database once, then makes the next "
+            "clients wait for its retry (server_login_retry) instead of refusing them"
+        )
     breaker = CircuitBreaker(failure_threshold=2)
     async with IsolatedSessionFactory(url, circuit_breaker=breaker) as factory:
         for _ in range(5):

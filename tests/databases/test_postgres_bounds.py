@@ -11,6 +11,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from conftest import POOLER
 from reqscope import (
     IsolatedSessionFactory,
     PoolConfig,
@@ -120,6 +121,9 @@ async def test_health_warns_once_about_asyncpg_default_tls_against_a_server_with
         assert (await factory.health()).warnings == ()
 
 
+@pytest.mark.skipif(
+    POOLER is not None, reason="behind a pooler, reset_session is refused: the pooler resets"
+)
 @pytest.mark.parametrize("reset", [False, True])
 async def test_reset_session_undoes_what_a_request_changed_on_its_connection(
     postgres, reset

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from conftest import POOLER, server_behind
 from reqscope import (
     CircuitBreaker,
     CircuitOpenError,
@@ -26,6 +27,7 @@ from reqscope import (
     PoolConfig,
     PoolExhaustedError,
     UserExecutionContext,
+    build_engine,
 )
 
 pytestmark = pytest.mark.anyio
@@ -33,7 +35,7 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(name="admin")
 async def _admin(postgres) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(postgres.url, poolclass=NullPool)
+    engine = create_async_engine(server_behind(postgres.url), poolclass=NullPool)
     yield engine
     await engine.dispose()
 
@@ -58,7 +60,6 @@ def tagged(url: str, tag: str) -> dict:
 
 
 async def test_a_killed_backend_fails_only_its_request(postgres, admin) -> None:
-    from reqscope import build_engine
 
     tag = "reqscope-kill"
     engine = build_engine(
@@ -144,8 +145,55 @@ async def test_pool_exhaustion_is_a_clear_error(postgres) -> None:
 
 
 @pytest.mark.parametrize("style", ["anyio", "asyncio"])
+async def test_a_cancelled_statement_stops_on_the_server(postgres, admin, style) -> None:
+    """Directly (pg_cancel_backend) and behind a pooler (a CancelRequest it forwards)."""
+    if POOLER is not None and style == "anyio" and postgres.name == "postgres-psycopg":
+        pytest.skip(
+            "an anyio scope cancels psycopg's own cancel request again, and psycopg then "
+            "closes the connection: behind a pooler nothing can reach its statement any more "
+            "(docs/many-instances.md: set statement_timeout)"
+        )
+    tag = f"reqscope-stop-{style}"
+    engine = build_engine(
+        postgres.url,
+        pool=PoolConfig(pool_size=2, max_overflow=0),
+        connect_args=tagged(postgres.url, tag),
+    )
+    async with IsolatedSessionFactory(engine) as factory:
+        for round_ in range(3):
+            ctx = UserExecutionContext.create("alice")
+
+            async def sleep(ctx: UserExecutionContext = ctx) -> None:
+                async with factory.session(ctx) as session:
+                    await session.execute(text("SELECT pg_sleep(30)"))
+
+            if style == "anyio":
+                with anyio.move_on_after(0.3):
+                    await sleep()
+            else:
+                task = asyncio.create_task(sleep())
+                await asyncio.sleep(0.3)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            with anyio.move_on_after(5):  # the server stops the statement: it does not run 30 s
+                while any(state == "active" for _, state in await backends(admin, tag)):
+                    await anyio.sleep(0.05)
+            assert not any(state == "active" for _, state in await backends(admin, tag)), (
+                round_,
+                await backends(admin, tag),
+            )
+            assert factory.metrics().active_sessions == 0, round_
+    await engine.dispose()
+
+
+@pytest.mark.skipif(
+    POOLER is not None,
+    reason="PgBouncer 1.18 exits ('bad client state') when a storm of CancelRequests races its "
+    "own parameter setting on a server connection; one cancellation at a time is tested above",
+)
+@pytest.mark.parametrize("style", ["anyio", "asyncio"])
 async def test_random_cancellation_mid_query_leaves_nothing_behind(postgres, admin, style) -> None:
-    from reqscope import build_engine
 
     tag = f"reqscope-cancel-{style}"
     engine = build_engine(
