@@ -8,9 +8,12 @@ import sys
 from collections.abc import Sequence
 
 import anyio
+from sqlalchemy import exc as sa_exc
 
 from reqscope import __version__
 from reqscope._check import CheckReport, run_check
+from reqscope._deploy import DeployReport, run_deploy_check
+from reqscope._pool import POOLER_VARIABLE, POOLERS, PoolConfig
 from reqscope.exceptions import ReqscopeError
 
 __all__ = ["main"]
@@ -43,6 +46,27 @@ def _parser() -> argparse.ArgumentParser:
         "--pool-size", type=int, help="connections (default: 10, or 4 on SQLite: one writer)"
     )
     check.add_argument("--json", action="store_true", help="print the report as JSON")
+    deploy = check.add_argument_group(
+        "deploy checks",
+        "--deploy checks the production PostgreSQL at --database-url instead (read-only): a "
+        "transaction-mode pooler with prepared statements on, a role that bypasses row-level "
+        "security, the URL's TLS mode against the server's, workers x pool against "
+        "max_connections, statement and idle-in-transaction timeouts. Exits 1 when any fails.",
+    )
+    deploy.add_argument("--deploy", action="store_true", help="run the deploy checks")
+    deploy.add_argument(
+        "--workers", type=int, default=1, help="processes that each open a pool (default: 1)"
+    )
+    deploy.add_argument(
+        "--max-overflow", type=int, help="each pool's max_overflow (default: 15; pool size 10)"
+    )
+    deploy.add_argument(
+        "--pooler", choices=POOLERS, help=f"the pooler the application declares ({POOLER_VARIABLE})"
+    )
+    deploy.add_argument(
+        "--tables",
+        help="the tenant tables, comma-separated (default: every table with row-level security)",
+    )
     return parser
 
 
@@ -87,9 +111,52 @@ def _render(report: CheckReport) -> str:
     return "\n".join(lines)
 
 
+def _render_deploy(report: DeployReport) -> str:
+    lines = [f"reqscope check --deploy — {report.database} as {report.role!r}"]
+    for finding in report.findings:
+        lines.append(f"  {finding.status.upper():<4}  {finding.check}: {finding.summary}")
+        if finding.advice and finding.status != "pass":
+            lines.append(f"        do: {finding.advice}")
+    lines.append("OK: no trap found" if report.ok else "FAILED: fix what fails before deploying")
+    return "\n".join(lines)
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    if not args.database_url:
+        print("reqscope check --deploy: error: give --database-url", file=sys.stderr)  # noqa: T201
+        return 2
+    standard = PoolConfig.standard()
+    try:
+        pool = PoolConfig(
+            pool_size=args.pool_size or standard.pool_size,
+            max_overflow=standard.max_overflow if args.max_overflow is None else args.max_overflow,
+        )
+        tables = tuple(t.strip() for t in (args.tables or "").split(",") if t.strip())
+        report = anyio.run(
+            lambda: run_deploy_check(
+                args.database_url,
+                workers=args.workers,
+                pool=pool,
+                pooler=args.pooler,
+                tables=tables,
+            )
+        )
+    except (ReqscopeError, ValueError, OSError, sa_exc.SQLAlchemyError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"reqscope check --deploy: error: {message}", file=sys.stderr)  # noqa: T201
+        return 2
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))  # noqa: T201
+    else:
+        print(_render_deploy(report))  # noqa: T201
+    return 0 if report.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 isolation failure, 2 error)."""
     args = _parser().parse_args(argv)
+    if args.deploy:
+        return _deploy(args)
     show_progress = not args.json and sys.stderr.isatty() and args.requests >= PROGRESS_FROM
     try:
         report = anyio.run(
