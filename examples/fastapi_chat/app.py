@@ -2,7 +2,9 @@
 
     pip install -e ".[dev]" && python examples/fastapi_chat/app.py   # http://127.0.0.1:8000
 
-SQLite by default; set DATABASE_URL (e.g. postgresql+asyncpg://...) for another database.
+SQLite by default; set DATABASE_URL (e.g. postgresql+asyncpg://...) for another database,
+and REDIS_URL (redis://...) to run several instances: a user's events then reach their
+WebSockets on every instance (reqscope.redis_hub.RedisEventHub).
 Authentication is a demo: "Authorization: Bearer <user>" names the user. Behind a real
 gateway use reqscope.fastapi.from_state() with your own authentication middleware.
 """
@@ -47,6 +49,7 @@ from reqscope.fastapi import (
     monitoring_router,
     setup,
 )
+from reqscope.redis_hub import RedisEventHub
 from reqscope.starlette import serve_websocket
 
 
@@ -130,7 +133,11 @@ async def create_tables(engine: AsyncEngine) -> None:
 
 
 def create_app(
-    database_url: str | None = None, *, pool: PoolConfig | None = None, llm_delay: float = 0.01
+    database_url: str | None = None,
+    *,
+    pool: PoolConfig | None = None,
+    llm_delay: float = 0.01,
+    redis_url: str | None = None,
 ) -> FastAPI:
     factory = IsolatedSessionFactory(database_url, pool=pool)
     registry = AgentRegistry(strict=True)
@@ -138,7 +145,7 @@ def create_app(
     agents = AgentInstanceFactory(
         registry, sessions=factory, infrastructure={"llm": FakeLlm(llm_delay)}
     )
-    hub = EventHub(max_queue=512)
+    hub = EventHub(max_queue=512) if redis_url is None else RedisEventHub(redis_url, max_queue=512)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -154,7 +161,9 @@ def create_app(
         user_resolver=bearer_user,
         public_paths=("/reqscope/health",),
     )
-    app.include_router(monitoring_router(factory, dependencies=[Depends(require_operator)]))
+    app.include_router(
+        monitoring_router(factory, dependencies=[Depends(require_operator)], hub=hub)
+    )
     app.state.factory, app.state.hub = factory, hub
 
     @app.post("/messages")
@@ -249,7 +258,7 @@ if __name__ == "__main__":
     import uvicorn
 
     uvicorn.run(
-        create_app(os.environ.get("DATABASE_URL")),
+        create_app(os.environ.get("DATABASE_URL"), redis_url=os.environ.get("REDIS_URL")),
         host="127.0.0.1",
         port=int(os.environ.get("PORT", "8000")),
     )

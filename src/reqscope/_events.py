@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from typing_extensions import Self
 
 from reqscope._context import UserExecutionContext, new_id
 from reqscope._freeze import EMPTY, encode_json_value, freeze_mapping
@@ -56,7 +57,12 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class HubStats:
-    """A snapshot of an :class:`EventHub`."""
+    """A snapshot of an :class:`EventHub`.
+
+    ``connected``, ``published``, ``publish_failures``, ``publish_dropped``, ``received``
+    and ``reconnects`` concern a hub that crosses processes
+    (:class:`reqscope.redis_hub.RedisEventHub`); the in-memory hub is always connected.
+    """
 
     connections: int
     per_user: Mapping[str, int]
@@ -64,6 +70,31 @@ class HubStats:
     disconnected: int
     delivered: int
     violations: int
+    backend: str = "memory"
+    connected: bool = True
+    published: int = 0
+    publish_failures: int = 0
+    publish_dropped: int = 0
+    received: int = 0
+    reconnects: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The snapshot as JSON-safe data (a monitoring endpoint's)."""
+        return {
+            "backend": self.backend,
+            "connected": self.connected,
+            "connections": self.connections,
+            "users": len(self.per_user),
+            "delivered": self.delivered,
+            "dropped": self.dropped,
+            "disconnected": self.disconnected,
+            "violations": self.violations,
+            "published": self.published,
+            "publish_failures": self.publish_failures,
+            "publish_dropped": self.publish_dropped,
+            "received": self.received,
+            "reconnects": self.reconnects,
+        }
 
 
 class EventChannel:
@@ -168,14 +199,7 @@ class UserEventEmitter:
     def emit_nowait(self, type: str, payload: Mapping[str, Any] | None = None) -> int:  # noqa: A002
         """:meth:`emit` for sync code (it never blocks either)."""
         ctx = self.context
-        event = self.hub.event(ctx, type, payload)
-        target = ctx.websocket_client_id
-        delivered = 0
-        for channel in list(self.hub._by_user.get(ctx.user_id, {}).values()):  # noqa: SLF001
-            if (target is None or channel.connection_id == target) and channel.deliver(event):
-                delivered += 1
-        self.hub.delivered += delivered
-        return delivered
+        return self.hub.dispatch(self.hub.event(ctx, type, payload), ctx.websocket_client_id)
 
 
 class _Connection:
@@ -218,6 +242,38 @@ class EventHub:
         self.disconnected = 0
         self.delivered = 0
         self.violations = 0
+
+    async def __aenter__(self) -> Self:
+        """Start the hub (nothing to start in memory; a hub across processes connects)."""
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the hub (nothing to stop in memory)."""
+
+    def dispatch(self, event: Event, target: str | None = None) -> int:
+        """Deliver ``event`` to its user's channels (only ``target``'s when given).
+
+        Returns how many channels queued it. A hub across processes publishes it instead,
+        and returns 1 when it was queued for publishing.
+        """
+        return self.deliver_here(event, target)
+
+    def deliver_here(self, event: Event, target: str | None = None) -> int:
+        """Deliver ``event`` to the channels of its user open in this process."""
+        delivered = 0
+        for channel in list(self._by_user.get(event.user_id, {}).values()):
+            if (target is None or channel.connection_id == target) and channel.deliver(event):
+                delivered += 1
+        self.delivered += delivered
+        return delivered
 
     def connect(self, ctx: UserExecutionContext, connection_id: str | None = None) -> _Connection:
         """Open a channel owned by ``ctx.user_id`` for the ``async with`` block.
@@ -319,3 +375,8 @@ class EventHub:
             channels.pop(channel.connection_id, None)
             if not channels:
                 self._by_user.pop(channel.user_id, None)
+
+
+def running(hub: EventHub | None) -> contextlib.AbstractAsyncContextManager[object]:
+    """What starts ``hub`` for an ``async with`` block and stops it after (nothing for None)."""
+    return hub if hub is not None else contextlib.nullcontext()

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from reqscope._agents import AgentScope
 from reqscope._context import UserExecutionContext
+from reqscope._events import running
 from reqscope._requests import UserResolver, checked_user_id, from_header, from_state
 from reqscope.starlette import ReqscopeMiddleware, get_resources
 
@@ -69,8 +70,9 @@ def setup(
 ) -> None:
     """Install reqscope on ``app``: the context middleware and the factory's lifecycle.
 
-    The app's lifespan is wrapped so the factory starts with each lifespan and closes after
-    it (a test suite may enter it once per test). The user comes from your authentication
+    The app's lifespan is wrapped so the factory (and ``hub``, for a hub across processes
+    such as :class:`~reqscope.redis_hub.RedisEventHub`) starts with each lifespan and closes
+    after it (a test suite may enter it once per test). The user comes from your authentication
     dependency wrapped in :func:`authenticated`, or from ``user_resolver`` (default:
     ``request.state.user_id``, set by a middleware, in either order). A request that uses
     reqscope without a user gets 401, unless ``allow_anonymous`` or its route is in
@@ -92,7 +94,7 @@ def setup(
 
     @asynccontextmanager
     async def lifespan(application: Any) -> AsyncIterator[Any]:
-        async with factory, inner(application) as state:
+        async with factory, running(hub), inner(application) as state:
             yield state
 
     app.router.lifespan_context = lifespan
@@ -234,12 +236,15 @@ def monitoring_router(
     *,
     prefix: str = "/reqscope",
     dependencies: Sequence[Any] = (),
+    hub: EventHub | None = None,
 ) -> APIRouter:
     """``GET {prefix}/health`` (200, or 503 when down), ``/pool`` and ``/sessions``.
 
     ``/pool`` and ``/sessions`` (which lists user and request ids) run ``dependencies``:
     pass your operators' check, ``dependencies=[Depends(require_operator)]``. ``/health``
-    stays open to probes (list it in ``setup(public_paths=...)``).
+    stays open to probes (list it in ``setup(public_paths=...)``); with ``hub``, it also
+    reports the event hub (``"events"``: whether a hub across processes reaches its broker,
+    and its counters), which never turns the answer into a 503.
     """
     router = APIRouter(prefix=prefix, tags=["reqscope"])
     guarded = list(dependencies)
@@ -247,7 +252,12 @@ def monitoring_router(
     @router.get("/health")
     async def health() -> JSONResponse:
         report = await factory.health()
-        return JSONResponse(report.to_dict(), status_code=200 if report.ok else 503)
+        body = (
+            report.to_dict()
+            if hub is None
+            else {**report.to_dict(), "events": hub.stats().to_dict()}
+        )
+        return JSONResponse(body, status_code=200 if report.ok else 503)
 
     @router.get("/pool", dependencies=guarded)
     async def pool() -> dict[str, Any]:

@@ -28,6 +28,7 @@ from reqscope._asgi import PublicRoutes, answer, serve
 from reqscope._connections import ConnectionStats, serve_connection
 from reqscope._containment import DEFAULT_TIMEOUT
 from reqscope._context import UserExecutionContext
+from reqscope._events import running
 from reqscope._requests import (
     REQUEST_ID_HEADER,
     RequestResources,
@@ -257,15 +258,18 @@ async def serve_websocket(
 def lifespan(
     factory: IsolatedSessionFactory,
     inner: Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]] | None = None,
+    *,
+    hub: EventHub | None = None,
 ) -> Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]:
     """A Starlette ``lifespan=`` that starts the factory with the app and closes it after.
 
-    ``inner`` is your own lifespan, run inside it (its state is passed through).
+    ``inner`` is your own lifespan, run inside it (its state is passed through). ``hub``
+    starts and stops with the app too (a hub across processes connects to its broker).
     """
 
     @asynccontextmanager
     async def run(app: Any) -> AsyncIterator[Mapping[str, Any] | None]:
-        async with factory:
+        async with factory, running(hub):
             if inner is None:
                 yield None
             else:
