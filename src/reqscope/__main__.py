@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import anyio
 from sqlalchemy import exc as sa_exc
@@ -121,6 +122,30 @@ def _render_deploy(report: DeployReport) -> str:
     return "\n".join(lines)
 
 
+class _Report(Protocol):
+    @property
+    def ok(self) -> bool: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=_Report)
+
+
+def _report(
+    command: str, run: Callable[[], Awaitable[R]], render: Callable[[R], str], as_json: bool
+) -> int:
+    """Run a check, print its report (or JSON); 0 when ok, 1 when not, 2 when it could not run."""
+    try:
+        report = anyio.run(run)
+    except (ReqscopeError, ValueError, OSError, sa_exc.SQLAlchemyError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"{command}: error: {message}", file=sys.stderr)  # noqa: T201
+        return 2
+    print(json.dumps(report.to_dict(), indent=2) if as_json else render(report))  # noqa: T201
+    return 0 if report.ok else 1
+
+
 def _deploy(args: argparse.Namespace) -> int:
     if not args.database_url:
         print("reqscope check --deploy: error: give --database-url", file=sys.stderr)  # noqa: T201
@@ -131,25 +156,18 @@ def _deploy(args: argparse.Namespace) -> int:
             pool_size=args.pool_size or standard.pool_size,
             max_overflow=standard.max_overflow if args.max_overflow is None else args.max_overflow,
         )
-        tables = tuple(t.strip() for t in (args.tables or "").split(",") if t.strip())
-        report = anyio.run(
-            lambda: run_deploy_check(
-                args.database_url,
-                workers=args.workers,
-                pool=pool,
-                pooler=args.pooler,
-                tables=tables,
-            )
-        )
-    except (ReqscopeError, ValueError, OSError, sa_exc.SQLAlchemyError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"reqscope check --deploy: error: {message}", file=sys.stderr)  # noqa: T201
+    except ValueError as exc:
+        print(f"reqscope check --deploy: error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))  # noqa: T201
-    else:
-        print(_render_deploy(report))  # noqa: T201
-    return 0 if report.ok else 1
+    tables = tuple(t.strip() for t in (args.tables or "").split(",") if t.strip())
+    return _report(
+        "reqscope check --deploy",
+        lambda: run_deploy_check(
+            args.database_url, workers=args.workers, pool=pool, pooler=args.pooler, tables=tables
+        ),
+        _render_deploy,
+        args.json,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,26 +176,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.deploy:
         return _deploy(args)
     show_progress = not args.json and sys.stderr.isatty() and args.requests >= PROGRESS_FROM
-    try:
-        report = anyio.run(
-            lambda: run_check(
-                args.database_url,
-                users=args.users,
-                requests=args.requests,
-                concurrency=args.concurrency,
-                pool_size=args.pool_size,
-                progress=_progress if show_progress else None,
-            )
-        )
-    except (ReqscopeError, ValueError, OSError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"reqscope check: error: {message}", file=sys.stderr)  # noqa: T201
-        return 2
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))  # noqa: T201
-    else:
-        print(_render(report))  # noqa: T201
-    return 0 if report.ok else 1
+    return _report(
+        "reqscope check",
+        lambda: run_check(
+            args.database_url,
+            users=args.users,
+            requests=args.requests,
+            concurrency=args.concurrency,
+            pool_size=args.pool_size,
+            progress=_progress if show_progress else None,
+        ),
+        _render,
+        args.json,
+    )
 
 
 if __name__ == "__main__":
