@@ -113,14 +113,15 @@ class RedisEventHub(EventHub):
     async def start(self) -> None:
         """Start listening and publishing; waits (up to ``timeout``) for the subscription.
 
-        Idempotent. A Redis that is down does not fail the start: the hub keeps trying, and
-        ``stats().connected`` is False until it is reachable.
+        Idempotent on one event loop. A Redis that is down does not fail the start: the hub
+        keeps trying, and ``stats().connected`` is False until it is reachable.
         """
-        if self._tasks:
+        loop = asyncio.get_running_loop()
+        if self._tasks and self._tasks[0].get_loop() is loop:
             return
+        # not started, or started on another loop (a forked worker's parent, an earlier test)
         self._subscribed = asyncio.Event()
         self._wake = asyncio.Event()
-        loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._listen(), name="reqscope event hub listener"),
             loop.create_task(self._publish_outbox(), name="reqscope event hub publisher"),
