@@ -61,7 +61,8 @@ class RedisEventHub(EventHub):
 
     Args:
         url: the Redis URL (``redis://host:6379/0``), or ``client``.
-        client: a ``redis.asyncio.Redis`` you own (left open by :meth:`aclose`).
+        client: a ``redis.asyncio.Redis`` you own (left open by :meth:`aclose`). Give a URL
+            to a hub that a forked worker starts again: its client is then made anew there.
         prefix: the prefix of the hub's Redis channels; instances of one service share it.
         max_queue: events a connection's queue holds before ``overflow`` applies.
         overflow: ``"drop_oldest"`` or ``"disconnect"``, per connection, as in memory.
@@ -89,10 +90,8 @@ class RedisEventHub(EventHub):
         self.prefix = prefix
         self.timeout = timeout
         self.instance_id = new_id()
-        self._owns_client = client is None
-        self._client: Redis = client or Redis.from_url(
-            url or "", socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        self._url = url
+        self._client: Redis = client or self._new_client()
         self._outbox: deque[tuple[str, str]] = deque(maxlen=max_outbox)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -103,6 +102,11 @@ class RedisEventHub(EventHub):
         self.publish_dropped = 0
         self.received = 0
         self.reconnects = 0
+
+    def _new_client(self) -> Redis:
+        return Redis.from_url(
+            self._url or "", socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -119,7 +123,10 @@ class RedisEventHub(EventHub):
         loop = asyncio.get_running_loop()
         if self._tasks and self._tasks[0].get_loop() is loop:
             return
-        # not started, or started on another loop (a forked worker's parent, an earlier test)
+        if self._tasks:  # started on another loop: a parent that forked this worker
+            self._tasks = []
+            if self._url is not None:  # its connections are the parent's: leave them be
+                self._client = self._new_client()
         self._subscribed = asyncio.Event()
         self._wake = asyncio.Event()
         self._tasks = [
@@ -140,7 +147,7 @@ class RedisEventHub(EventHub):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._owns_client:
+        if self._url is not None:  # a client of ours
             await self._client.aclose()
 
     async def _drained(self) -> None:

@@ -8,8 +8,10 @@ both.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -19,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -326,3 +329,33 @@ async def test_two_app_processes_share_events_through_redis(private_redis, chat_
         await _chat(http, second, "alice", "again")
         for socket_ in (alice_first, alice_second):
             assert Event.GAP in await _until_done(socket_, "again")  # told they may have missed
+
+
+def _in_forked_worker(hub: RedisEventHub, report: Any) -> None:
+    """A worker forked from a parent that started ``hub``: it starts it on its own loop."""
+
+    async def main() -> str:
+        alice = _ctx("alice")
+        async with hub, hub.connect(alice, "alice") as channel:
+            await hub.emitter(alice).emit("from-the-worker")
+            return (await _next(channel)).type
+
+    try:
+        report.send(asyncio.run(main()))
+    except BaseException as error:  # the parent asserts on it
+        report.send(repr(error))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+async def test_a_worker_forked_after_the_hub_started_starts_its_own(hubs) -> None:
+    here, _ = hubs  # started on this loop, as in a parent before gunicorn forks its workers
+    fork = multiprocessing.get_context("fork")
+    receive, send = fork.Pipe(duplex=False)
+    worker = fork.Process(target=_in_forked_worker, args=(here, send))
+    worker.start()
+    with anyio.fail_after(20):
+        while not receive.poll():
+            await anyio.sleep(0.05)
+    assert receive.recv() == "from-the-worker"
+    worker.join(10)
