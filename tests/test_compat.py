@@ -108,6 +108,26 @@ async def test_a_closing_factory_waits_for_the_sqlite_threads_it_force_stopped(t
     await asyncio.wait([busy])
 
 
+async def test_asyncpg_cancellations_are_read_unless_fallbacks_are_forced() -> None:
+    import asyncio
+
+    from asyncpg.connection import Connection
+
+    assert "_cancellations" in Connection.__slots__  # what the private path reads
+    pending = asyncio.get_running_loop().create_task(asyncio.sleep(10))
+
+    class Sending:
+        _cancellations = frozenset()  # not a set: not asyncpg's
+
+    sending = Sending()
+    assert _compat.asyncpg_cancellations(sending) == []
+    sending._cancellations = {pending}  # type: ignore[assignment]
+    expected = [] if _compat.FALLBACKS_FORCED else [pending]
+    assert _compat.asyncpg_cancellations(sending) == expected
+    assert _compat.asyncpg_cancellations(object()) == []
+    pending.cancel()
+
+
 def test_the_isolation_suites_pass_with_every_fallback_forced(tmp_path) -> None:
     """Run the session, enforcement and pool suites with REQSCOPE_COMPAT_FALLBACKS=1.
 

@@ -140,7 +140,6 @@ class EngineHooks:
             return  # only exit exceptions: cancellation, KeyboardInterrupt
         try:
             info = context.connection.info
-            driver = context.connection.connection.driver_connection
         except NotImplementedError:  # cancelled while connecting: nothing runs on the server
             return
         pid = info.get(_PID_KEY)
@@ -151,7 +150,9 @@ class EngineHooks:
                 if pid is not None:
                     await_only(self._cancel_backend(pid))
                 else:
-                    await_only(self._cancel_through_pooler(driver, info.get(_CANCEL_KEY)))
+                    await_only(
+                        self._cancel_through_pooler(context.connection, info.get(_CANCEL_KEY))
+                    )
         except Exception as error:  # a cancellation is not an error: say so, at WARNING
             logger.warning(
                 "reqscope: could not cancel the server-side statement of a cancelled request "
@@ -161,7 +162,7 @@ class EngineHooks:
                 error,
             )
 
-    async def _cancel_through_pooler(self, driver: Any, cancel_key: Any) -> None:
+    async def _cancel_through_pooler(self, connection: Any, cancel_key: Any) -> None:
         """Cancel the statement with a CancelRequest, which the pooler forwards.
 
         asyncpg sends one by itself when a statement's task is cancelled: wait for it to be
@@ -174,7 +175,7 @@ class EngineHooks:
                 await anyio.to_thread.run_sync(cancel_key.cancel)
                 return
             await asyncio.sleep(0)  # asyncpg starts its CancelRequest from a callback
-            sending = _compat.asyncpg_cancellations(driver)
+            sending = _compat.asyncpg_cancellations(connection.connection.driver_connection)
             if sending:
                 await asyncio.wait(sending)
 
