@@ -325,7 +325,10 @@ async def test_two_app_processes_share_events_through_redis(private_redis, chat_
             while (await _health(http, second))["events"]["connected"]:
                 await anyio.sleep(0.1)
         private_redis.start()
-        await anyio.sleep(3.0)  # both instances reconnect (backoff up to 2 s)
+        with anyio.fail_after(15):  # both instances reconnect by themselves, and say so
+            for port in (first, second):
+                while not (await _health(http, port))["events"]["connected"]:
+                    await anyio.sleep(0.1)
         await _chat(http, second, "alice", "again")
         for socket_ in (alice_first, alice_second):
             assert Event.GAP in await _until_done(socket_, "again")  # told they may have missed
