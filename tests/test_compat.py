@@ -89,7 +89,7 @@ async def test_a_closing_factory_waits_for_the_sqlite_threads_it_force_stopped(t
 
     def nap() -> int:  # keeps the connection's worker thread busy past the factory's close
         workers.append(threading.current_thread())
-        time.sleep(1.0)
+        time.sleep(3.0)
         return 1
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}"
@@ -103,7 +103,7 @@ async def test_a_closing_factory_waits_for_the_sqlite_threads_it_force_stopped(t
         (report,) = factory.leak_detector.scan()  # reclaims: SQLAlchemy force-stops it
         assert report.reclaimed
     (worker,) = workers
-    worker.join(0.2)
+    worker.join(1.0)  # it ends at once after its stop; without the wait, 2 s later
     assert not worker.is_alive()
     await asyncio.wait([busy])
 
