@@ -8,13 +8,15 @@ fails the test instead.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import HealthCheck, settings
 from sqlalchemy.engine import make_url
@@ -113,6 +115,20 @@ def server_behind(url: str) -> str:
         return url
     port = int(os.environ.get("REQSCOPE_TEST_POOLED_SERVER_PORT", "5432"))
     return make_url(url).set(port=port).render_as_string(hide_password=False)
+
+
+async def in_forked_child(target: Callable[..., None], *args: object, timeout: float = 30) -> Any:
+    """Run ``target(*args, report)`` in a forked child; what it sends through ``report``."""
+    fork = multiprocessing.get_context("fork")
+    receive, send = fork.Pipe(duplex=False)
+    child = fork.Process(target=target, args=(*args, send))
+    child.start()
+    with anyio.fail_after(timeout):
+        while not receive.poll():
+            await anyio.sleep(0.05)
+    outcome = receive.recv()
+    child.join(10)
+    return outcome
 
 
 @pytest.fixture

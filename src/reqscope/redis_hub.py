@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -293,14 +294,8 @@ class RedisEventHub(EventHub):
 
     def stats(self) -> HubStats:
         """The in-memory figures, plus whether Redis answers and the traffic through it."""
-        local = super().stats()
-        return HubStats(
-            connections=local.connections,
-            per_user=local.per_user,
-            dropped=local.dropped,
-            disconnected=local.disconnected,
-            delivered=local.delivered,
-            violations=local.violations,
+        return dataclasses.replace(
+            super().stats(),
             backend="redis",
             connected=self._subscribed.is_set() and self._publishing_ok,
             published=self.published,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import multiprocessing
 import os
 import shutil
 import socket
@@ -27,7 +26,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from conftest import REQUIRE_SERVICES, server_url
+from conftest import REQUIRE_SERVICES, in_forked_child, server_url
 from reqscope import Event, EventChannel, UserExecutionContext
 from reqscope.redis_hub import RedisEventHub
 
@@ -353,12 +352,4 @@ def _in_forked_worker(hub: RedisEventHub, report: Any) -> None:
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 async def test_a_worker_forked_after_the_hub_started_starts_its_own(hubs) -> None:
     here, _ = hubs  # started on this loop, as in a parent before gunicorn forks its workers
-    fork = multiprocessing.get_context("fork")
-    receive, send = fork.Pipe(duplex=False)
-    worker = fork.Process(target=_in_forked_worker, args=(here, send))
-    worker.start()
-    with anyio.fail_after(20):
-        while not receive.poll():
-            await anyio.sleep(0.05)
-    assert receive.recv() == "from-the-worker"
-    worker.join(10)
+    assert await in_forked_child(_in_forked_worker, here) == "from-the-worker"

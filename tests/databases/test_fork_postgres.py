@@ -7,7 +7,6 @@ child that used or closed it would corrupt or end the parent's conversation with
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 from multiprocessing.connection import Connection
 from typing import Any
@@ -16,7 +15,7 @@ import anyio
 import pytest
 from sqlalchemy import text
 
-from conftest import POOLER
+from conftest import POOLER, in_forked_child
 from reqscope import IsolatedSessionFactory, PoolConfig, UserExecutionContext
 
 pytestmark = [
@@ -62,15 +61,7 @@ async def test_a_forked_child_never_touches_the_parents_connections(postgres) ->
             idle_pid = (await idle.execute(BACKEND_PID)).scalar_one()  # back in the pool after
         async with factory.session(UserExecutionContext.create("alice")) as held:
             held_pid = (await held.execute(BACKEND_PID)).scalar_one()
-            fork = multiprocessing.get_context("fork")
-            receive, send = fork.Pipe(duplex=False)
-            child = fork.Process(target=_in_child, args=(factory, send))
-            child.start()
-            with anyio.fail_after(30):
-                while not receive.poll():
-                    await anyio.sleep(0.05)
-            outcome = receive.recv()
-            child.join(10)
+            outcome = await in_forked_child(_in_child, factory)
             assert "error" not in outcome, outcome["error"]
             assert outcome["inherited"] == 0  # the parent's open session is not the child's
             assert outcome["detector_ran"]  # started again in the child, on its loop
