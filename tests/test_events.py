@@ -156,3 +156,23 @@ async def test_ten_thousand_events_hundred_users_three_connections() -> None:  #
         assert [n for _, n in events] == list(range(100))  # emission order per emitter
     assert hub.stats().dropped == 0
     assert hub.stats().delivered == 30_000
+
+
+async def test_a_connection_opens_its_channel_only_inside_its_block() -> None:
+    hub = EventHub()
+    alice = UserExecutionContext.create("alice")
+    never_entered = hub.connect(alice, connection_id="a-1")
+    assert never_entered._channel is None  # nothing to close: no stream was made
+    # Two connects of one id, both asked for before either is entered: the second refused.
+    first, second = hub.connect(alice, "a-2"), hub.connect(alice, "a-2")
+    async with first as channel:
+        with pytest.raises(ReqscopeError, match="already connected"):
+            await second.__aenter__()
+        assert second._channel is not None
+        assert second._channel.closed
+        assert second._channel._receive._closed  # both ends released
+        assert hub.stats().connections == 1
+    assert channel.closed
+    with pytest.raises(RuntimeError, match="entered before"):
+        async with first:
+            pass

@@ -180,6 +180,11 @@ class EventChannel:
             self._send.close()
             self.hub._forget(self)  # noqa: SLF001
 
+    def _release(self) -> None:
+        """The connection's block ended: close the channel and both ends of its stream."""
+        self.close()
+        self._receive.close()
+
 
 class UserEventEmitter:
     """Emits events to one user's channels (only ``ctx.websocket_client_id``'s when set)."""
@@ -204,11 +209,23 @@ class UserEventEmitter:
 
 class _Connection:
     def __init__(self, hub: EventHub, ctx: UserExecutionContext, connection_id: str) -> None:
-        self._channel = EventChannel(hub, ctx, connection_id)
+        self._hub = hub
+        self._ctx = ctx
+        self._connection_id = connection_id
+        self._channel: EventChannel | None = None
 
     async def __aenter__(self) -> EventChannel:
-        self._channel.hub._add(self._channel)  # noqa: SLF001
-        return self._channel
+        # The channel (and its streams, which must be closed) exists only inside the block:
+        # a connect() never entered leaves nothing open.
+        if self._channel is not None:
+            raise RuntimeError("this connection was entered before; call hub.connect() again")
+        channel = self._channel = EventChannel(self._hub, self._ctx, self._connection_id)
+        try:
+            self._hub._add(channel)  # noqa: SLF001
+        except BaseException:
+            channel._release()  # noqa: SLF001
+            raise
+        return channel
 
     async def __aexit__(
         self,
@@ -216,8 +233,8 @@ class _Connection:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._channel.close()
-        self._channel._receive.close()  # noqa: SLF001
+        assert self._channel is not None  # noqa: S101 - entered
+        self._channel._release()  # noqa: SLF001
 
 
 class EventHub:
