@@ -7,12 +7,11 @@ fails the test instead.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import multiprocessing
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,24 +177,6 @@ async def _factory(database: Database) -> AsyncIterator[IsolatedSessionFactory]:
         metrics = factory.metrics()
         assert metrics.active_sessions == 0
         assert metrics.pool is None or metrics.pool.checked_out == 0
-
-
-@contextlib.contextmanager
-def closing_test_client(app: Any) -> Iterator[Any]:
-    """``with TestClient(app)``, and the lifespan streams Starlette before 0.38 leaves open
-    (anyio warns about them when they are collected, in whatever test runs then)."""
-    from fastapi.testclient import TestClient
-
-    client = TestClient(app)
-    try:
-        with client:
-            yield client
-    finally:
-        for name in ("stream_send", "stream_receive"):
-            stapled = getattr(client, name, None)
-            if stapled is not None:
-                stapled.send_stream.close()
-                stapled.receive_stream.close()
 
 
 @pytest.fixture(name="tables")

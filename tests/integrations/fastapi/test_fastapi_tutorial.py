@@ -15,7 +15,6 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import settings
 
-from conftest import closing_test_client
 from example_loader import load_example
 from reqscope import IsolatedSessionFactory, UserExecutionContext
 from reqscope.testing import IsolationMachine
@@ -32,7 +31,7 @@ def _app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
 
 @pytest.fixture(name="client")
 def _client(app: FastAPI) -> Iterator[TestClient]:
-    with closing_test_client(app) as client:  # the lifespan, once per test
+    with TestClient(app) as client:  # the lifespan, once per test
         yield client
 
 

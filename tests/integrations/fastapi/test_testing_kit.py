@@ -13,11 +13,12 @@ import anyio
 import httpx
 import pytest
 from fastapi import FastAPI, Header, HTTPException
+from fastapi.testclient import TestClient
 from sqlalchemy import String, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from conftest import closing_test_client, server_url
+from conftest import server_url
 from reqscope import IsolatedSessionFactory, UserExecutionContext
 from reqscope.fastapi import (
     CommitOnSuccessDbDep,
@@ -171,7 +172,7 @@ async def test_after_the_test_nothing_is_left(database_url: str) -> None:
 def test_client(database_url: str) -> Iterator[object]:
     factory = IsolatedSessionFactory(database_url)
     with (
-        closing_test_client(make_app(factory)) as client,
+        TestClient(make_app(factory)) as client,
         client.portal.wrap_async_context_manager(factory.outer_transaction()),
     ):
         yield client

@@ -11,7 +11,6 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.websockets import WebSocketDisconnect
 
-from conftest import closing_test_client
 from models import Note
 from reqscope import EventHub, IsolatedSessionFactory, UserExecutionContext, current_context
 from reqscope.fastapi import from_header, setup
@@ -55,7 +54,7 @@ def _served(tmp_path) -> Iterator[tuple[TestClient, IsolatedSessionFactory, list
 
         await create_tables(factory.engine)
 
-    with closing_test_client(app) as client:
+    with TestClient(app) as client:
         client.portal.call(tables)  # type: ignore[union-attr]
         yield client, factory, outcomes, hub
 
@@ -110,7 +109,7 @@ def test_drop_oldest_tells_the_client_how_many_events_it_missed(tmp_path) -> Non
     hub = EventHub(max_queue=2, overflow="drop_oldest")
     app = chat_app(factory, hub, [])
     with (
-        closing_test_client(app) as client,
+        TestClient(app) as client,
         client.websocket_connect("/ws", headers={"x-user": "c"}) as ws,
     ):
         ws.send_json({"kind": "flood", "count": 20})
