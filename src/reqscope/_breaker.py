@@ -10,18 +10,27 @@ opens the circuit.
 from __future__ import annotations
 
 import asyncio
+import collections
+import datetime as dt
 import enum
 import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 from sqlalchemy import exc as sa_exc
 
 from reqscope.exceptions import CircuitOpenError, DatabaseUnavailableError
 
-__all__ = ["CircuitBreaker", "CircuitState", "is_configuration_error", "is_connection_failure"]
+__all__ = [
+    "BreakerTransition",
+    "CircuitBreaker",
+    "CircuitState",
+    "is_configuration_error",
+    "is_connection_failure",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +114,18 @@ def is_connection_failure(error: BaseException, *, connecting: bool = False) -> 
     }
 
 
+@dataclass(frozen=True, slots=True)
+class BreakerTransition:
+    """The circuit entered ``state`` at ``at`` (UTC)."""
+
+    state: CircuitState
+    at: dt.datetime
+
+    def to_dict(self) -> dict[str, str]:
+        """Return the transition as JSON-safe data."""
+        return {"state": self.state.value, "at": self.at.isoformat()}
+
+
 class CircuitBreaker:
     """Fail fast while the database is down.
 
@@ -143,6 +164,18 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._probing = False
         self.times_opened = 0
+        self.transitions = 0  # state changes since the breaker was made
+        self._history: collections.deque[BreakerTransition] = collections.deque(maxlen=50)
+
+    def _enter(self, state: CircuitState) -> None:
+        self._state = state
+        self.transitions += 1
+        self._history.append(BreakerTransition(state, dt.datetime.now(dt.timezone.utc)))
+
+    @property
+    def history(self) -> tuple[BreakerTransition, ...]:
+        """The latest state changes (up to 50), oldest first."""
+        return tuple(self._history)
 
     @property
     def state(self) -> CircuitState:
@@ -150,7 +183,7 @@ class CircuitBreaker:
         if self._state is CircuitState.OPEN and self._clock() - self._opened_at >= (
             self.recovery_timeout
         ):
-            self._state = CircuitState.HALF_OPEN
+            self._enter(CircuitState.HALF_OPEN)
             self._probing = False
             logger.info("database circuit half-open: letting one probe through")
         return self._state
@@ -185,7 +218,7 @@ class CircuitBreaker:
         """Note that the database answered; closes a half-open circuit."""
         if self._state is not CircuitState.CLOSED:
             logger.info("database circuit closed: the database answers again")
-        self._state = CircuitState.CLOSED
+            self._enter(CircuitState.CLOSED)
         self._failures = 0
         self._probing = False
 
@@ -195,7 +228,7 @@ class CircuitBreaker:
         if self._state is CircuitState.HALF_OPEN or (
             self._state is CircuitState.CLOSED and self._failures >= self.failure_threshold
         ):
-            self._state = CircuitState.OPEN
+            self._enter(CircuitState.OPEN)
             self._opened_at = self._clock()
             self._probing = False
             self.times_opened += 1

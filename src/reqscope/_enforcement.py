@@ -151,7 +151,9 @@ def _enforce(entry: Entry, operation: str) -> None:
         if not keeper.enforce_owner or (current is not None and same_request(current, entry.ctx)):
             return
         keeper.registry.isolation_violations += 1
-        raise _isolation_violation(entry, operation, current)
+        violation = _isolation_violation(entry, operation, current)
+        keeper.refused(entry, violation)
+        raise violation
     keeper.registry.scope_violations += 1
     ctx = entry.ctx
     error: SessionScopeError
@@ -170,6 +172,7 @@ def _enforce(entry: Entry, operation: str) -> None:
             "each request"
         )
     logger.error("reqscope: %s", error, extra=entry.log_fields())
+    keeper.refused(entry, error)
     raise error
 
 
@@ -250,6 +253,8 @@ def _on_begin(session: Session, _transaction: SessionTransaction, connection: Co
         return
     if entry.connection is None:  # its first connection (kept until the scope ends)
         entry.keeper.breaker.record_success()
+        if entry.keeper.observers:
+            entry.keeper.scope_began(entry)
     entry.connection = connection
     if entry.statement_timeout is not None:  # PostgreSQL only (checked by the factory)
         milliseconds = max(1, round(entry.statement_timeout * 1000))

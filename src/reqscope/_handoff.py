@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["HandoffQueue"]
 
@@ -34,7 +37,15 @@ class HandoffQueue(Generic[_T]):
         lifo: hand out the most recently returned idle item first (``pool_use_lifo``).
     """
 
-    __slots__ = ("_items", "_lifo", "_waiters", "maxsize", "wait_seconds", "waits")
+    __slots__ = (
+        "_items",
+        "_lifo",
+        "_waiters",
+        "maxsize",
+        "wait_observers",
+        "wait_seconds",
+        "waits",
+    )
 
     def __init__(self, maxsize: int = 0, *, lifo: bool = False) -> None:
         self.maxsize = maxsize
@@ -43,6 +54,8 @@ class HandoffQueue(Generic[_T]):
         self._waiters: deque[asyncio.Future[_T]] = deque()
         self.waits = 0  # gets that had to wait, and were served
         self.wait_seconds = 0.0  # how long they waited, in all
+        # called with each served wait's seconds (the wait_time histogram's exporters)
+        self.wait_observers: list[Callable[[float], None]] = []
 
     def __len__(self) -> int:
         return len(self._items)
@@ -97,6 +110,9 @@ class HandoffQueue(Generic[_T]):
         finally:
             if timer is not None:
                 timer.cancel()
+        waited = time.monotonic() - started
         self.waits += 1
-        self.wait_seconds += time.monotonic() - started
+        self.wait_seconds += waited
+        for observer in self.wait_observers:
+            observer(waited)
         return item

@@ -10,6 +10,7 @@ its event hooks, observation and health.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -24,13 +25,15 @@ from reqscope._registry import Entry, EntryState, SessionRegistry
 from reqscope.exceptions import IsolationViolation, PoolExhaustedError, ReqscopeError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping
+    from collections.abc import Awaitable, Callable, Iterator, Mapping
 
     from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
     from reqscope._breaker import CircuitBreaker
     from reqscope._context import UserExecutionContext
+    from reqscope._leaks import LeakReport
+    from reqscope._observers import SessionObserver
     from reqscope.tenancy import TenantPolicy
 
 __all__ = ["SessionKeeper"]
@@ -71,6 +74,7 @@ class SessionKeeper:
         pooler: str | None,
         start: Callable[[], Awaitable[None]],
         registry: SessionRegistry | None = None,
+        observers: list[SessionObserver] | None = None,
     ) -> None:
         self.engine = engine
         # a read replica's keeper shares its factory's registry: one view of every session
@@ -86,8 +90,8 @@ class SessionKeeper:
         self.started = False
         # outer_transaction(): the connection every new session joins (None: the engine)
         self.joined: AsyncConnection | None = None
-        # called with each session's record as its scope ends (factory.on_session_close)
-        self.close_observers: list[Callable[[Entry], None]] = []
+        # factory.add_observer(): told of each session's life (shared with the replicas)
+        self.observers: list[SessionObserver] = [] if observers is None else observers
         self._start = start
         self._session_class = session_class
         self._session_kwargs = dict(session_kwargs)
@@ -184,10 +188,37 @@ class SessionKeeper:
             )
         return error
 
-    def scope_ended(self, entry: Entry) -> None:
-        """Tell the close observers that ``entry``'s scope ended; their errors are logged."""
-        for observer in self.close_observers:
-            _notify(observer, entry)
+    # -- telling the observers (their errors are logged, never raised into the request) ----
+
+    def scope_opened(self, entry: Entry) -> None:
+        """``entry``'s session was opened."""
+        for observer in self.observers:
+            with _observer_errors_logged():
+                observer.session_opened(entry)
+
+    def scope_began(self, entry: Entry) -> None:
+        """``entry``'s session got its first connection."""
+        for observer in self.observers:
+            with _observer_errors_logged():
+                observer.session_began(entry)
+
+    def scope_ended(self, entry: Entry, *, committed: bool, error: BaseException | None) -> None:
+        """``entry``'s scope ended."""
+        for observer in self.observers:
+            with _observer_errors_logged():
+                observer.session_closed(entry, committed=committed, error=error)
+
+    def leaked(self, entry: Entry, report: LeakReport) -> None:
+        """The leak detector reported ``entry``."""
+        for observer in self.observers:
+            with _observer_errors_logged():
+                observer.session_leaked(entry, report)
+
+    def refused(self, entry: Entry, error: ReqscopeError) -> None:
+        """A use of ``entry``'s session was refused with ``error``."""
+        for observer in self.observers:
+            with _observer_errors_logged():
+                observer.session_refused(entry, error)
 
     def reclaim(self, entry: Entry, defer: bool) -> None:
         """Poison a leaked session and invalidate its connection (the leak detector's).
@@ -212,8 +243,9 @@ class SessionKeeper:
         return self._reclaimed.get(conn)
 
 
-def _notify(observer: Callable[[Entry], None], entry: Entry) -> None:
+@contextlib.contextmanager
+def _observer_errors_logged() -> Iterator[None]:
     try:
-        observer(entry)
+        yield
     except Exception:  # an observer's bug must not fail the request
         logger.exception("reqscope: a session observer failed")

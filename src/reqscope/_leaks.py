@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import anyio
 
@@ -30,6 +33,11 @@ class LeakReport:
     task_name: str | None
     stack: str | None
     reclaimed: bool
+    detected_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the report as JSON-safe data."""
+        return {**asdict(self), "detected_at": self.detected_at.isoformat()}
 
 
 class LeakDetector:
@@ -59,6 +67,12 @@ class LeakDetector:
         self._drain = drain
         self.reclaim_leaks = reclaim_leaks
         self.passes = 0
+        self._recent: collections.deque[LeakReport] = collections.deque(maxlen=20)
+
+    @property
+    def recent_reports(self) -> tuple[LeakReport, ...]:
+        """The latest leak reports (up to 20), oldest first (the operator page shows them)."""
+        return tuple(self._recent)
 
     async def ascan(self) -> list[LeakReport]:
         """Run one pass and finish invalidating what it reclaimed (the background task's pass)."""
@@ -134,6 +148,8 @@ class LeakDetector:
             f"\nOpened at:\n{entry.stack}" if entry.stack else "",
             extra={**entry.log_fields(), "age": age, "reclaimed": reclaimed},
         )
+        self._recent.append(report)
+        entry.keeper.leaked(entry, report)
         return report
 
     @staticmethod

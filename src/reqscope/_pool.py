@@ -197,6 +197,22 @@ def pool_stats(pool: Pool) -> PoolStats | None:
     )
 
 
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
+
+
+def pool_name(url: URL) -> str:
+    """A pool's name as OpenTelemetry's conventions default it: ``host:port/database``.
+
+    SQLite has neither host nor port: its name is the database file's path.
+    """
+    database = url.database or ""
+    if url.host is None:
+        return database
+    port = url.port or _DEFAULT_PORTS.get(url.get_backend_name())
+    address = url.host if port is None else f"{url.host}:{port}"
+    return f"{address}/{database}"
+
+
 def is_memory_sqlite(url: URL) -> bool:
     """True for SQLite URLs whose database lives in one process's memory."""
     if url.get_backend_name() != "sqlite":

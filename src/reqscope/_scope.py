@@ -118,6 +118,8 @@ class SessionScope:
         self._session, self._record = session, record
         self._previous = _current.get()
         _current.set(ctx)
+        if keeper.observers:
+            keeper.scope_opened(record)
         return session
 
     async def __aexit__(
@@ -173,7 +175,9 @@ class SessionScope:
                 await self._abandon(conn)
                 raise
             finally:
-                keeper.scope_ended(record)
+                if keeper.observers:
+                    committed = self._commit and error is None
+                    keeper.scope_ended(record, committed=committed, error=error)
                 # The session points at its record: drop the ways back, so that session,
                 # record and task are freed by reference counting, not the GC (an exception
                 # kept by the task can hold the frame that holds the session).

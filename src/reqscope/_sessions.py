@@ -33,10 +33,12 @@ from reqscope._engine_hooks import EngineHooks
 from reqscope._health import HealthProbe
 from reqscope._keeper import SessionKeeper
 from reqscope._leaks import LeakDetector
+from reqscope._observers import ObservedSession, SessionObserver
 from reqscope._pool import (
     PoolConfig,
     PoolStats,
     build_engine,
+    pool_name,
     pool_stats,
     refuse_memory_sqlite,
     resolve_pooler,
@@ -171,6 +173,7 @@ class IsolatedSessionFactory:
         replicas: Sequence[AsyncEngine | str] = (),
         replica_max_lag: float = 10.0,
         replica_check_interval: float = 1.0,
+        name: str | None = None,
     ) -> None:
         if max_session_lifetime <= 0:
             raise ValueError(f"max_session_lifetime must be positive, got {max_session_lifetime}")
@@ -213,6 +216,7 @@ class IsolatedSessionFactory:
             "capture_stacks": capture_stacks,
             "pooler": resolve_pooler(self.engine.url, pool.pooler if pool else None),
             "start": self._start_on_first_use,
+            "observers": [],
         }
         self._keeper = SessionKeeper(
             self.engine, breaker=circuit_breaker or CircuitBreaker(), **settings
@@ -230,6 +234,7 @@ class IsolatedSessionFactory:
         self.leak_detector = LeakDetector(
             self._keeper.registry, _reclaim, self._drain, reclaim_leaks=reclaim_leaks
         )
+        self.name = name if name is not None else pool_name(self.engine.url)
         self._closed = False
         self._hooks = EngineHooks(self._keeper)
         self._health = HealthProbe(self.engine.url, self._keeper.pooler)
@@ -272,6 +277,11 @@ class IsolatedSessionFactory:
             await keeper.cleanup.drain()
 
     # -- settings (read-only) --------------------------------------------------------------
+
+    @property
+    def engines(self) -> tuple[AsyncEngine, ...]:
+        """The primary's engine, then each read replica's: each has a pool of its own."""
+        return tuple(keeper.engine for keeper in self._keepers())
 
     @property
     def max_session_lifetime(self) -> float:
@@ -640,6 +650,25 @@ class IsolatedSessionFactory:
                 if transaction.is_active and not conn.invalidated:
                     await transaction.rollback()
 
+    def add_observer(self, observer: SessionObserver) -> Callable[[], None]:
+        """Tell ``observer`` of every session scope from now on, on the primary and replicas.
+
+        The observer's methods run synchronously where it happens (the scope's task, the
+        leak detector); their exceptions are logged, never raised into the request.
+        :mod:`reqscope.otel`'s tracing is one.
+
+        Returns:
+            A function that removes the observer.
+        """
+        observers = self._keeper.observers
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):  # removed already
+                observers.remove(observer)
+
+        observers.append(observer)
+        return remove
+
     def on_session_close(self, callback: Callable[[SessionRecord], None]) -> Callable[[], None]:
         """Call ``callback`` with the record of each session whose scope ends from now on.
 
@@ -651,17 +680,7 @@ class IsolatedSessionFactory:
         Returns:
             A function that stops the calls.
         """
-        observers = self._keeper.close_observers
-
-        def observe(entry: Entry) -> None:
-            callback(entry.record())
-
-        def stop() -> None:
-            with contextlib.suppress(ValueError):  # stopped already
-                observers.remove(observe)
-
-        observers.append(observe)
-        return stop
+        return self.add_observer(_OnClose(callback))
 
     def _check_statement_timeout(self, seconds: float | None) -> float | None:
         """Validate a ``statement_timeout``; None stays None (the factory's applies)."""
@@ -756,6 +775,21 @@ class IsolatedSessionFactory:
         closed or the pool is saturated, "ok" otherwise. Never raises for a database problem.
         """
         return await self._health.check(self.metrics(), timeout)
+
+
+class _OnClose(SessionObserver):
+    def __init__(self, callback: Callable[[SessionRecord], None]) -> None:
+        self.callback = callback
+
+    def session_closed(
+        self,
+        session: ObservedSession,
+        *,
+        committed: bool,  # noqa: ARG002 - the callback gets the record only
+        error: BaseException | None,  # noqa: ARG002
+    ) -> None:
+        assert isinstance(session, Entry)  # noqa: S101 - the factory's observers get entries
+        self.callback(session.record())
 
 
 def _reclaim(entry: Entry, defer: bool) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 try:
     from fastapi import Depends, FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from fastapi.routing import APIRouter
     from starlette.requests import HTTPConnection
 except ImportError as exc:  # pragma: no cover - exercised by the import test
@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from reqscope._agents import AgentScope
 from reqscope._context import UserExecutionContext
 from reqscope._events import running
+from reqscope._monitoring import Monitor
 from reqscope._requests import UserResolver, checked_user_id, from_header, from_state
 from reqscope.starlette import ReqscopeMiddleware, get_resources
 
@@ -237,6 +238,9 @@ def monitoring_router(
     prefix: str = "/reqscope",
     dependencies: Sequence[Any] = (),
     hub: EventHub | None = None,
+    agents: AgentInstanceFactory | None = None,
+    prometheus: bool = False,
+    page: bool = False,
 ) -> APIRouter:
     """``GET {prefix}/health`` (200, or 503 when down), ``/pool`` and ``/sessions``.
 
@@ -245,36 +249,43 @@ def monitoring_router(
     stays open to probes (list it in ``setup(public_paths=...)``); with ``hub``, it also
     reports the event hub (``"events"``: whether a hub across processes reaches its broker,
     and its counters), which never turns the answer into a 503.
+
+    With ``prometheus=True``, ``{prefix}/metrics`` serves the Prometheus exposition
+    (``reqscope[prometheus]``); with ``page=True``, ``{prefix}/`` serves the operator page,
+    which refreshes itself from ``{prefix}/state``. Both run ``dependencies`` too.
     """
+    monitor = Monitor(factory, hub=hub, agents=agents, prometheus=prometheus, page=page)
     router = APIRouter(prefix=prefix, tags=["reqscope"])
     guarded = list(dependencies)
 
     @router.get("/health")
     async def health() -> JSONResponse:
-        report = await factory.health()
-        body = (
-            report.to_dict()
-            if hub is None
-            else {**report.to_dict(), "events": hub.stats().to_dict()}
-        )
-        return JSONResponse(body, status_code=200 if report.ok else 503)
+        body, status = await monitor.health()
+        return JSONResponse(body, status_code=status)
 
     @router.get("/pool", dependencies=guarded)
     async def pool() -> dict[str, Any]:
-        return factory.metrics().to_dict()
+        return monitor.pool()
 
     @router.get("/sessions", dependencies=guarded)
     async def sessions() -> list[dict[str, Any]]:
-        return [
-            {
-                "session_id": r.session_id,
-                "user_id": r.user_id,
-                "request_id": r.request_id,
-                "age": r.age,
-                "max_lifetime": r.max_lifetime,
-                "task_name": r.task_name,
-            }
-            for r in factory.active_sessions()
-        ]
+        return monitor.sessions()
+
+    if prometheus:
+
+        @router.get("/metrics", dependencies=guarded, response_class=Response)
+        async def metrics() -> Response:
+            body, content_type = monitor.metrics_text()
+            return Response(body, media_type=content_type)
+
+    if page:
+
+        @router.get("/state", dependencies=guarded, name="reqscope_state")
+        async def state() -> dict[str, Any]:
+            return monitor.state()
+
+        @router.get("/", dependencies=guarded, response_class=HTMLResponse)
+        async def operator_page(request: Request) -> HTMLResponse:
+            return HTMLResponse(monitor.page(request.url_for("reqscope_state").path))
 
     return router

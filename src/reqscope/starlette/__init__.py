@@ -38,6 +38,7 @@ from reqscope._requests import (
     from_user,
 )
 from reqscope.exceptions import ReqscopeError, UserResolverError
+from reqscope.starlette._monitoring import monitoring_routes
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -57,6 +58,7 @@ __all__ = [
     "get_resources",
     "lifespan",
     "message_session",
+    "monitoring_routes",
     "request_session",
     "serve_websocket",
 ]
