@@ -23,6 +23,8 @@ from opentelemetry.trace import StatusCode
 
 from conftest import Database
 from reqscope import (
+    AgentInstanceFactory,
+    AgentRegistry,
     EventHub,
     IsolatedSessionFactory,
     IsolationViolation,
@@ -314,3 +316,31 @@ async def test_leaks_and_violations_are_span_events_with_stacks(
     leak = events["reqscope.leak"]
     assert leak.attributes["reqscope.leak.reclaimed"] is report.reclaimed
     assert "test_leaks_and_violations_are_span_events" in leak.attributes["reqscope.session.stack"]
+
+
+async def test_agents_and_event_drops_are_counted(
+    otel_factory: IsolatedSessionFactory, reader: InMemoryMetricReader
+) -> None:
+    class Agent:
+        def __init__(self, context: UserExecutionContext) -> None:
+            self.context = context
+
+    registry = AgentRegistry()
+    registry.register("agent", Agent)
+    agents = AgentInstanceFactory(registry)
+    hub = EventHub(max_queue=1)
+    alice = UserExecutionContext.create("alice")
+    provider = MeterProvider(metric_readers=[reader])
+    with instrument(otel_factory, hub=hub, agents=agents, meter_provider=provider):
+        async with agents.scope(alice) as scope:
+            scope.create("agent")
+            scope.create("agent")
+        async with hub.connect(alice):
+            emitter = hub.emitter(alice)
+            for n in range(3):  # a queue of 1: two dropped
+                await emitter.emit("tick", {"n": n})
+            collected = collect(reader)
+    assert value(collected["reqscope.agents.created"]) == 2
+    assert value(collected["reqscope.events.connections"]) == 1
+    assert value(collected["reqscope.events.delivered"]) == 3
+    assert value(collected["reqscope.events.dropped"]) == 2

@@ -16,7 +16,7 @@ from reqscope._agents import (
     SessionProvider,
     SharedStateWarning,
 )
-from reqscope._breaker import CircuitBreaker, CircuitState
+from reqscope._breaker import BreakerTransition, CircuitBreaker, CircuitState
 from reqscope._containment import RunResult, gather_isolated, run_isolated
 from reqscope._context import (
     AuditEvent,
@@ -34,6 +34,8 @@ from reqscope._enforcement import (
 from reqscope._events import Event, EventChannel, EventHub, HubStats, UserEventEmitter
 from reqscope._health import HealthReport
 from reqscope._leaks import LeakDetector, LeakReport
+from reqscope._logging import ContextLogFilter
+from reqscope._observers import ObservedSession, SessionObserver
 from reqscope._pool import PoolConfig, PoolStats, build_engine
 from reqscope._registry import FactoryMetrics, SessionRecord, SessionTags
 from reqscope._replicas import ReplicaStatus
@@ -74,9 +76,11 @@ __all__ = [
     "AgentRegistry",
     "AgentScope",
     "AuditEvent",
+    "BreakerTransition",
     "CircuitBreaker",
     "CircuitOpenError",
     "CircuitState",
+    "ContextLogFilter",
     "ContextValidationError",
     "DatabaseBusyError",
     "DatabaseConfigurationError",
@@ -93,6 +97,7 @@ __all__ = [
     "LeakReport",
     "NoActiveContextError",
     "NotAuthenticated",
+    "ObservedSession",
     "PoolConfig",
     "PoolExhaustedError",
     "PoolStats",
@@ -101,6 +106,7 @@ __all__ = [
     "ReqscopeSession",
     "RequestTimeoutError",
     "RunResult",
+    "SessionObserver",
     "SessionProvider",
     "SessionReclaimedError",
     "SessionRecord",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -15,6 +14,7 @@ import anyio
 from typing_extensions import Self
 
 from reqscope._context import UserExecutionContext, _current, current_context, log_fields
+from reqscope._logging import get_logger
 from reqscope.exceptions import (
     AgentCreationError,
     AgentNotRegisteredError,
@@ -35,7 +35,7 @@ __all__ = [
     "SharedStateWarning",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 T = TypeVar("T")
 AgentFactory = Callable[..., Any]

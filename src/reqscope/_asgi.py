@@ -10,13 +10,13 @@ it FastAPI) only builds the request's resources and hands over to :func:`serve`.
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from reqscope._context import log_fields, use_context
+from reqscope._logging import get_logger
 from reqscope._requests import not_authenticated
 from reqscope.exceptions import (
     CircuitOpenError,
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ErrorResponse", "PublicRoutes", "answer", "error_response", "serve"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]

@@ -13,7 +13,6 @@ import asyncio
 import collections
 import datetime as dt
 import enum
-import logging
 import re
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Final
 
 from sqlalchemy import exc as sa_exc
 
+from reqscope._logging import get_logger
 from reqscope.exceptions import CircuitOpenError, DatabaseUnavailableError
 
 __all__ = [
@@ -32,7 +32,7 @@ __all__ = [
     "is_connection_failure",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class CircuitState(str, enum.Enum):

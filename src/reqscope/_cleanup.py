@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Final
@@ -21,6 +20,7 @@ import anyio
 from sqlalchemy.util import greenlet_spawn
 
 from reqscope import _compat
+from reqscope._logging import get_logger
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CleanupWatchdog", "ConnectionCleanup"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # Task.cancelling() and Task.uncancel(), Python 3.11+
 _UNCANCEL: Final = sys.version_info >= (3, 11)

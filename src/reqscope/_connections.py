@@ -12,7 +12,6 @@ that goes away, even in the middle of a send, ends the connection quietly.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -21,6 +20,7 @@ import anyio
 
 from reqscope._containment import DEFAULT_TIMEOUT, run_isolated
 from reqscope._context import log_fields
+from reqscope._logging import get_logger
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OVERFLOW_CLOSE_CODE", "ConnectionStats", "serve_connection"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 OVERFLOW_CLOSE_CODE: Final = 1013  # "Try Again Later": the client fell behind its events
 

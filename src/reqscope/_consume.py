@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import inspect
-import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -13,6 +12,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from reqscope._containment import DEFAULT_TIMEOUT, RunResult, run_isolated
+from reqscope._logging import get_logger
 
 if TYPE_CHECKING:
     from reqscope._context import UserExecutionContext
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ConsumeStats", "FailedMessage", "consume"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 M = TypeVar("M")
 

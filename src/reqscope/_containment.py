@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -13,11 +12,12 @@ import anyio
 
 from reqscope._agents import check_agent_use
 from reqscope._context import UserExecutionContext, log_fields, use_context
+from reqscope._logging import get_logger
 from reqscope.exceptions import RequestTimeoutError
 
 __all__ = ["RunResult", "gather_isolated", "run_isolated"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 T = TypeVar("T")
 RunStatus = Literal["ok", "error", "timeout"]
@@ -114,11 +114,15 @@ async def run_isolated(
         )
     elif error is not None:
         status = "error"
-        logger.info(
-            "reqscope: request %s of user %r failed: %r",
+        # contained (the caller gets it in the RunResult), and logged with its traceback:
+        # consume()'s handler errors are only seen here
+        logger.warning(
+            "reqscope: request %s of user %r failed: %s: %s",
             ctx.request_id,
             ctx.user_id,
+            type(error).__name__,
             error,
+            exc_info=error,
             extra=log_fields(ctx),
         )
     else:

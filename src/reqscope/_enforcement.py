@@ -19,7 +19,6 @@ listen to it (:func:`tenant_session_class`), to add the tenant filter.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event
@@ -29,6 +28,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
 from reqscope._compat import add_statement_check
 from reqscope._context import _current, same_request
+from reqscope._logging import get_logger
 from reqscope._registry import Entry, EntryState, SessionTags
 from reqscope.exceptions import (
     IsolationViolation,
@@ -52,7 +52,7 @@ __all__ = [
     "validate_session_is_request_scoped",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _TAG_KEYS: Final = (
     "user_id",

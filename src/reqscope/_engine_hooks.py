@@ -8,7 +8,6 @@ cancellation (whose server-side backend keeps running), and SQLite's "database i
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -19,6 +18,7 @@ from sqlalchemy.util import await_only
 from reqscope import _compat
 from reqscope._breaker import is_configuration_error, is_connection_failure
 from reqscope._enforcement import reclaimed_error
+from reqscope._logging import get_logger
 from reqscope._pool import connect_args
 from reqscope.exceptions import (
     DatabaseBusyError,
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EngineHooks"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _PID_KEY: Final = "reqscope.backend_pid"
 _CANCEL_KEY: Final = "reqscope.cancel_key"  # psycopg behind a pooler: its PGcancel

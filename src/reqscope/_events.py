@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -17,11 +16,12 @@ from typing_extensions import Self
 
 from reqscope._context import UserExecutionContext, new_id
 from reqscope._freeze import EMPTY, encode_json_value, freeze_mapping
+from reqscope._logging import get_logger
 from reqscope.exceptions import IsolationViolation, ReqscopeError
 
 __all__ = ["Event", "EventChannel", "EventHub", "HubStats", "UserEventEmitter"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 Overflow = Literal["drop_oldest", "disconnect"]
 

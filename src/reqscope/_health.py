@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -13,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool
 
 from reqscope._breaker import CircuitState
+from reqscope._logging import get_logger
 from reqscope._pool import PoolStats, connect_args, sqlite_pragmas
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["HealthProbe", "HealthReport"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 HealthStatus = Literal["ok", "degraded", "down"]
 

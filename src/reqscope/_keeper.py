@@ -11,7 +11,6 @@ its event hooks, observation and health.
 from __future__ import annotations
 
 import contextlib
-import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ from sqlalchemy import exc as sa_exc
 from reqscope import _compat
 from reqscope._cleanup import ConnectionCleanup
 from reqscope._context import log_fields
+from reqscope._logging import get_logger
 from reqscope._pool import pool_stats
 from reqscope._registry import Entry, EntryState, SessionRegistry
 from reqscope.exceptions import IsolationViolation, PoolExhaustedError, ReqscopeError
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SessionKeeper"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class SessionKeeper:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -12,11 +11,12 @@ from typing import Any
 
 import anyio
 
+from reqscope._logging import get_logger
 from reqscope._registry import Entry, EntryState, SessionRegistry
 
 __all__ = ["LeakDetector", "LeakReport"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

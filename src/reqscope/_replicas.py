@@ -15,7 +15,6 @@ while its last check answered within the timeout, with a replay lag within ``max
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 import weakref
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from sqlalchemy.pool import NullPool
 
 from reqscope._breaker import CircuitState
 from reqscope._context import request_token
+from reqscope._logging import get_logger
 from reqscope._pool import connect_args
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Replica", "ReplicaSet", "ReplicaStatus"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # Seconds the replica is behind: 0 when it has replayed all it received (an idle primary
 # sends nothing, and the last replayed transaction's age would read as lag), else the age

@@ -17,7 +17,6 @@ the user's, once.
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -30,6 +29,7 @@ from reqscope._context import (
     validate_id,
 )
 from reqscope._enforcement import hand_over
+from reqscope._logging import get_logger
 from reqscope.exceptions import (
     ContextValidationError,
     IsolationViolation,
@@ -58,7 +58,7 @@ __all__ = [
     "resolve_user",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 ANONYMOUS: Final = "anonymous"
 REQUEST_ID_HEADER: Final = "x-request-id"

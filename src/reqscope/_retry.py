@@ -9,13 +9,13 @@ is the caller's and is raised at once.
 
 from __future__ import annotations
 
-import logging
 import random
 from typing import TYPE_CHECKING, Final, TypeVar
 
 import anyio
 from sqlalchemy import exc as sa_exc
 
+from reqscope._logging import get_logger
 from reqscope.exceptions import TransactionConflictError
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["is_transaction_conflict", "retry_transaction"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 T = TypeVar("T")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ from reqscope._engine_hooks import EngineHooks
 from reqscope._health import HealthProbe
 from reqscope._keeper import SessionKeeper
 from reqscope._leaks import LeakDetector
+from reqscope._logging import get_logger
 from reqscope._observers import ObservedSession, SessionObserver
 from reqscope._pool import (
     PoolConfig,
@@ -63,7 +63,7 @@ __all__ = [
     "isolated_session",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 DEFAULT_CLEANUP_TIMEOUT: Final = 5.0
 # seconds one check of a read replica (reachable? how far behind?) may take

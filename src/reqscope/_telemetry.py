@@ -14,7 +14,6 @@ attributes: their number has no bound. They belong to traces and logs.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -23,6 +22,7 @@ from sqlalchemy import event
 
 from reqscope._breaker import CircuitState
 from reqscope._compat import handoff_queue_of
+from reqscope._logging import get_logger
 from reqscope._pool import pool_name, pool_stats
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["METRICS", "POOL_NAME", "SECONDS_BUCKETS", "Metric", "PoolTimings", "Reading", "read"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 POOL_NAME: Final = "db.client.connection.pool.name"
 STATE: Final = "db.client.connection.state"

@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-import logging
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, Final
@@ -46,11 +45,12 @@ from typing_extensions import Self
 from reqscope._context import UserExecutionContext, new_id
 from reqscope._events import Event, EventHub, HubStats, Overflow
 from reqscope._freeze import freeze_mapping
+from reqscope._logging import get_logger
 from reqscope.exceptions import ContextValidationError, ReqscopeError
 
 __all__ = ["RedisEventHub"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 _FIRST_RETRY: Final = 0.1  # seconds before reconnecting, doubled up to MAX_RETRY

@@ -16,7 +16,6 @@ Two layers, each with its own limits:
 from __future__ import annotations
 
 import functools
-import logging
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -25,6 +24,7 @@ from sqlalchemy import String, bindparam, inspect, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Mapped, Session, mapped_column, with_loader_criteria
 
+from reqscope._logging import get_logger
 from reqscope.exceptions import IsolationViolation, TenancyConfigurationError
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ __all__ = [
     "rls_policy_sql",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _GUC: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
 _TYPE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_ ]*$")

@@ -9,7 +9,6 @@ after the response's last body chunk.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from reqscope._connections import ConnectionStats, serve_connection
 from reqscope._containment import DEFAULT_TIMEOUT
 from reqscope._context import UserExecutionContext
 from reqscope._events import running
+from reqscope._logging import get_logger
 from reqscope._requests import (
     REQUEST_ID_HEADER,
     RequestResources,
@@ -63,7 +63,7 @@ __all__ = [
     "serve_websocket",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 STATE_KEY = "reqscope"
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 import threading
 import weakref
@@ -154,10 +155,12 @@ async def test_every_message_reaches_on_result_exactly_once_bad_context_included
     assert "has no context headers" in rejected[0].error
 
 
-async def test_a_worker_keeps_counts_not_failed_sessions(database) -> None:
+async def test_a_worker_keeps_counts_not_failed_sessions(database, caplog) -> None:
     # A worker never returns: what it keeps of failures must be bounded. Each failure's
     # traceback holds the handler's frame, and with it the message's session.
     sessions: list[weakref.ref[AsyncSession]] = []
+    # (each failure is logged with its traceback, and pytest keeps the records it captures)
+    caplog.set_level(logging.ERROR, logger="reqscope._containment")
 
     async def handler(n: int, session: AsyncSession) -> None:
         sessions.append(weakref.ref(session))
@@ -180,3 +183,21 @@ async def test_a_worker_keeps_counts_not_failed_sessions(database) -> None:
     assert sum(ref() is not None for ref in sessions) == 0  # no failed message's session lives
     with pytest.raises(ValueError, match="keep_failures"):
         await consume([], handler, context_from=lambda n: n, keep_failures=-1)
+
+
+async def test_a_failed_handler_is_logged_at_warning_with_its_traceback(caplog) -> None:
+    async def handler(n: int) -> None:
+        raise ValueError(f"message {n} is poisoned")
+
+    with caplog.at_level(logging.WARNING, logger="reqscope"):
+        stats = await consume(
+            [7], handler, context_from=lambda _n: UserExecutionContext.create("alice")
+        )
+    assert stats.failed == 1
+    (record,) = [r for r in caplog.records if r.name == "reqscope._containment"]
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], ValueError)
+    assert "ValueError: message 7 is poisoned" in record.getMessage()
+    assert record.user_id == "alice"
+    assert record.request_id == stats.failures[0].request_id
