@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
+import reqscope.otel
 from conftest import Database
 from reqscope import (
     AgentInstanceFactory,
@@ -36,6 +37,8 @@ from reqscope._telemetry import METRICS, POOL_NAME
 from reqscope.otel import instrument
 
 pytestmark = pytest.mark.anyio
+
+USE_TIME = "db.client.connection.use_time"
 
 SEMCONV_POOL_METRICS = {
     "db.client.connection.count": ("{connection}", Sum, False),
@@ -344,3 +347,26 @@ async def test_agents_and_event_drops_are_counted(
     assert value(collected["reqscope.events.connections"]) == 1
     assert value(collected["reqscope.events.delivered"]) == 3
     assert value(collected["reqscope.events.dropped"]) == 2
+
+
+async def test_connection_times_are_recorded_when_collected_or_when_many_are_pending(
+    otel_factory: IsolatedSessionFactory,
+    reader: InMemoryMetricReader,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    instrumentation = instrument(
+        otel_factory, meter_provider=MeterProvider(metric_readers=[reader]), traces=False
+    )
+    with instrumentation:
+        await load(otel_factory, users=1, rounds=3)
+        # kept off the request path: 3 uses of the one connection, and its creation
+        assert [metric for metric, _, _ in instrumentation._pending].count(USE_TIME) == 3
+        assert len(instrumentation._pending) == 4
+        (use,) = points(collect(reader)["db.client.connection.use_time"])
+        assert use.count == 3
+        assert not instrumentation._pending
+        monkeypatch.setattr(reqscope.otel, "FLUSH_AT", 2)
+        await load(otel_factory, users=1, rounds=3)
+        assert len(instrumentation._pending) == 1  # two were recorded at the second
+    (use,) = points(collect(reader)["db.client.connection.use_time"])
+    assert use.count == 6  # close() recorded the last one

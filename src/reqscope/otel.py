@@ -12,9 +12,10 @@ recorded on the pool's events, and a span is made per session scope.
 
 from __future__ import annotations
 
+import collections
 import traceback
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import greenlet
 from opentelemetry import metrics, trace
@@ -37,7 +38,10 @@ if TYPE_CHECKING:
     from reqscope._sessions import IsolatedSessionFactory
     from reqscope.exceptions import ReqscopeError
 
-__all__ = ["Instrumentation", "instrument"]
+__all__ = ["FLUSH_AT", "Instrumentation", "instrument"]
+
+#: pending connection-time samples recorded at once when no collection came first
+FLUSH_AT: Final = 4096
 
 
 def instrument(
@@ -94,6 +98,7 @@ class Instrumentation:
         meter = metrics.get_meter("reqscope", __version__, meter_provider)
         self._closed = False
         self._histograms: dict[str, metrics.Histogram] = {}
+        self._pending: collections.deque[tuple[str, float, str]] = collections.deque()
         observed: list[metrics.Asynchronous] = []
         for metric in METRICS:
             if metric.kind == "histogram":
@@ -137,6 +142,9 @@ class Instrumentation:
         agents: AgentInstanceFactory | None,
     ) -> Callable[[metrics.CallbackOptions], Iterable[metrics.Observation]]:
         def callback(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+            # A collection runs the callbacks before it reads the histograms: what the pool
+            # timed since the last one is in this collection.
+            self._flush()
             if self._closed:
                 return []
             readings = read(factory, hub=hub, agents=agents).get(name, [])
@@ -145,10 +153,26 @@ class Instrumentation:
         return callback
 
     def _record(self, metric: str, seconds: float, pool_name: str) -> None:
-        attributes = self._attributes.get(pool_name)
-        if attributes is None:
-            attributes = self._attributes[pool_name] = {POOL_NAME: pool_name}
-        self._histograms[metric].record(seconds, attributes)
+        # On the request path: keep the sample (a deque's append is atomic) and record it
+        # into the histogram when the reader collects (see _flush). An SDK's record costs
+        # about 10 µs, 2 % of a request; a service without a reader flushes at FLUSH_AT.
+        pending = self._pending
+        pending.append((metric, seconds, pool_name))
+        if len(pending) >= FLUSH_AT:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Record the pending samples (the reader's thread, at collection, or FLUSH_AT)."""
+        pending = self._pending
+        while True:
+            try:
+                metric, seconds, pool_name = pending.popleft()
+            except IndexError:
+                return
+            attributes = self._attributes.get(pool_name)
+            if attributes is None:
+                attributes = self._attributes[pool_name] = {POOL_NAME: pool_name}
+            self._histograms[metric].record(seconds, attributes)
 
     def close(self) -> None:
         """Stop observing: the instruments report nothing more, no more spans are made."""
@@ -156,6 +180,7 @@ class Instrumentation:
             return
         self._closed = True
         self._timings.remove()
+        self._flush()
         if self._remove_observer is not None:
             self._remove_observer()
 

@@ -76,12 +76,17 @@ class PrometheusMetrics:
             for metric in METRICS
             if metric.kind == "histogram"
         }
+        self._children: dict[tuple[str, str], Histogram] = {}
         self._timings = PoolTimings(factory, self._record)
         self._timings.install()
         self._closed = False
 
     def _record(self, metric: str, seconds: float, pool_name: str) -> None:
-        self._histograms[metric].labels(pool_name).observe(seconds)
+        # on the request path: the labelled child is looked up once per pool
+        child = self._children.get((metric, pool_name))
+        if child is None:
+            child = self._children[metric, pool_name] = self._histograms[metric].labels(pool_name)
+        child.observe(seconds)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format (serve with :attr:`content_type`)."""

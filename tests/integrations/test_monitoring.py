@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -234,3 +236,28 @@ async def test_one_registry_refuses_a_second_exporter_and_close_frees_it(
     parsed = families(second.exposition().decode())
     assert sample(parsed["db_client_connection_use_time_seconds"], "_count") == 1
     second.close()
+
+
+def test_the_docs_list_every_metric_and_the_dashboard_reads_only_them() -> None:
+    root = Path(__file__).resolve().parents[2]
+    page = (root / "docs" / "observability.md").read_text()
+    for metric in METRICS:
+        suffix = "_total" if metric.kind == "counter" else ""
+        assert f"| `{metric.name}` |" in page, metric.name
+        assert f"`{prometheus_name(metric)}{suffix}`" in page, metric.name
+    dashboard = json.loads((root / "docs" / "grafana" / "reqscope-dashboard.json").read_text())
+    known = {prometheus_name(metric) for metric in METRICS}
+    series = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b((?:db_client|reqscope)_[a-z_]+)\b", target["expr"])
+    }
+    labels = {"db_client_connection_pool_name", "db_client_connection_state"} | {
+        "reqscope_violation_kind",
+        "reqscope_breaker_state",
+    }
+    for name in series - labels:
+        base = re.sub(r"_(total|bucket|count|sum)$", "", name)
+        assert name in known or base in known, name
+    assert len(series) >= 12
