@@ -220,6 +220,19 @@ class _ContextOnly:
             _current.reset(self._token)
 
 
+def parse_ab_arguments(parser: argparse.ArgumentParser, rounds: int) -> argparse.Namespace:
+    """The in-process A/B scripts' options (versus.py, telemetry.py), parsed and echoed."""
+    parser.add_argument("--postgres", default=os.environ.get("REQSCOPE_TEST_POSTGRES_URL"))
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=100)
+    args = parser.parse_args()
+    if not args.postgres:
+        parser.error("give --postgres URL (or set REQSCOPE_TEST_POSTGRES_URL)")
+    print(f"command: python {' '.join(sys.argv)}")
+    return args
+
+
 def round_order(names: list[str], index: int) -> list[str]:
     """The order of the variants in round ``index``: a fresh shuffle, the same in every run.
 

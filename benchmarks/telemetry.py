@@ -23,15 +23,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import sys
 import time
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
-from sessions import POOL, measure, median_ci, round_order, select_one  # benchmarks/sessions.py
+from sessions import (
+    POOL,
+    measure,
+    median_ci,
+    parse_ab_arguments,
+    round_order,
+    select_one,
+)  # benchmarks/sessions.py
 
 import reqscope
 from reqscope.otel import instrument
@@ -114,14 +119,7 @@ def report(cpu: dict[str, list[float]], collecting: dict[str, float], args) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--postgres", default=os.environ.get("REQSCOPE_TEST_POSTGRES_URL"))
-    parser.add_argument("--rounds", type=int, default=201)
-    parser.add_argument("--requests", type=int, default=100)
-    parser.add_argument("--concurrency", type=int, default=100)
-    args = parser.parse_args()
-    if not args.postgres:
-        parser.error("give --postgres URL (or set REQSCOPE_TEST_POSTGRES_URL)")
-    print(f"command: python {' '.join(sys.argv)}")
+    args = parse_ab_arguments(parser, rounds=201)
     asyncio.run(compare(args))
 
 

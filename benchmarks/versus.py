@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import importlib
 import io
-import os
 import re
 import statistics
 import subprocess
@@ -29,7 +28,14 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from sessions import POOL, measure, median_ci, round_order, select_one  # benchmarks/sessions.py
+from sessions import (
+    POOL,
+    measure,
+    median_ci,
+    parse_ab_arguments,
+    round_order,
+    select_one,
+)  # benchmarks/sessions.py
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 import reqscope
@@ -96,14 +102,7 @@ async def compare(other, args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--against", required=True, help="a commit, e.g. HEAD~1")
-    parser.add_argument("--postgres", default=os.environ.get("REQSCOPE_TEST_POSTGRES_URL"))
-    parser.add_argument("--rounds", type=int, default=401)
-    parser.add_argument("--requests", type=int, default=100)
-    parser.add_argument("--concurrency", type=int, default=100)
-    args = parser.parse_args()
-    if not args.postgres:
-        parser.error("give --postgres URL (or set REQSCOPE_TEST_POSTGRES_URL)")
-    print(f"command: python {' '.join(sys.argv)}")
+    args = parse_ab_arguments(parser, rounds=401)
     with tempfile.TemporaryDirectory() as tmp:
         export(args.against, Path(tmp))
         sys.path.insert(0, tmp)

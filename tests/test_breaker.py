@@ -281,3 +281,23 @@ async def test_a_session_that_reaches_the_database_resets_the_failure_count(
         breaker.record_failure()
         breaker.record_failure()
         assert breaker.state is CircuitState.CLOSED
+
+
+def test_reading_the_state_changes_nothing_and_transitions_are_kept() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=1, recovery_timeout=10, clock=clock)
+    breaker.record_failure()
+    clock.now = 10
+    for _ in range(3):  # a metrics reader, from its own thread: no side effect
+        assert breaker.state is CircuitState.HALF_OPEN
+    assert [t.state for t in breaker.history] == [CircuitState.OPEN]
+    assert breaker.before_call() is True  # the probe: now it is half-open
+    breaker.record_success()
+    assert [t.state for t in breaker.history] == [
+        CircuitState.OPEN,
+        CircuitState.HALF_OPEN,
+        CircuitState.CLOSED,
+    ]
+    assert breaker.transitions == 3
+    assert breaker.history[0].to_dict()["state"] == "open"
+    assert breaker.history[0].at <= breaker.history[-1].at

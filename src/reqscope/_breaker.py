@@ -179,13 +179,15 @@ class CircuitBreaker:
 
     @property
     def state(self) -> CircuitState:
-        """The current state; an open circuit past its recovery timeout reads half-open."""
+        """The current state; an open circuit past its recovery timeout reads half-open.
+
+        Reading it changes nothing (metrics readers read it from a thread of their own):
+        the circuit enters the half-open state when it lets the probe through.
+        """
         if self._state is CircuitState.OPEN and self._clock() - self._opened_at >= (
             self.recovery_timeout
         ):
-            self._enter(CircuitState.HALF_OPEN)
-            self._probing = False
-            logger.info("database circuit half-open: letting one probe through")
+            return CircuitState.HALF_OPEN
         return self._state
 
     @property
@@ -210,6 +212,9 @@ class CircuitBreaker:
             return False
         state = self.state
         if state is CircuitState.HALF_OPEN and not self._probing:
+            if self._state is CircuitState.OPEN:
+                self._enter(CircuitState.HALF_OPEN)
+                logger.info("database circuit half-open: letting one probe through")
             self._probing = True
             return True
         raise CircuitOpenError(retry_after=self.retry_after if state is CircuitState.OPEN else 0.1)

@@ -63,7 +63,8 @@ class HandoffQueue(Generic[_T]):
     @property
     def waiting(self) -> int:
         """Gets waiting for an item now."""
-        return sum(1 for waiter in self._waiters if not waiter.done())
+        # a copy: metrics readers count from a thread of their own while the loop queues
+        return sum(1 for waiter in list(self._waiters) if not waiter.done())
 
     def full(self) -> bool:
         """True when no further idle item would be kept."""
