@@ -119,7 +119,8 @@ async def test_opened_at_is_when_the_scope_opened_not_when_it_is_read(factory, a
         (record,) = factory.active_sessions()
         slack = dt.timedelta(milliseconds=50)
         assert before - slack <= record.opened_at <= after + slack
-        assert record.age >= 0.3
+        # (the event loop may end a sleep a little early: it was seen 85 µs short)
+        assert record.age >= 0.29
         assert session_tags(session).created_at == record.opened_at
 
 
