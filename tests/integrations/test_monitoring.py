@@ -14,6 +14,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, HTTPException, Request
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
@@ -26,7 +29,8 @@ from reqscope import (
 )
 from reqscope._monitoring import Monitor
 from reqscope._telemetry import METRICS
-from reqscope.fastapi import monitoring_router
+from reqscope.fastapi import RequestScopedDbDep, from_header, monitoring_router, setup
+from reqscope.otel import instrument
 from reqscope.prometheus import PrometheusMetrics, prometheus_name
 from reqscope.starlette import lifespan, monitoring_routes
 
@@ -261,3 +265,38 @@ def test_the_docs_list_every_metric_and_the_dashboard_reads_only_them() -> None:
         base = re.sub(r"_(total|bucket|count|sum)$", "", name)
         assert name in known or base in known, name
     assert len(series) >= 12
+
+
+async def test_a_request_session_span_is_a_child_of_the_server_span(
+    monitored: IsolatedSessionFactory,
+) -> None:
+    # As OpenTelemetry's ASGI instrumentation does: the outermost middleware makes the
+    # server span current for the whole request, dependencies included.
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracer = provider.get_tracer("asgi")
+    app = FastAPI()
+    setup(app, monitored, user_resolver=from_header("x-user"))
+
+    @app.middleware("http")
+    async def server_span(request: Request, call_next: Any) -> Any:
+        with tracer.start_as_current_span(f"{request.method} {request.url.path}"):
+            return await call_next(request)
+
+    @app.get("/notes")
+    async def notes(session: RequestScopedDbDep) -> dict[str, int]:
+        return {"one": (await session.execute(sa.text("SELECT 1"))).scalar_one()}
+
+    with instrument(monitored, tracer_provider=provider, record_user_ids=True):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as client:
+            response = await client.get("/notes", headers={"x-user": "alice"})
+    assert response.json() == {"one": 1}
+    server, session = sorted(spans.get_finished_spans(), key=lambda span: span.name)
+    assert (server.name, session.name) == ("GET /notes", "reqscope.session")
+    assert session.parent is not None
+    assert session.parent.span_id == server.context.span_id
+    assert session.attributes["user.id"] == "alice"
+    assert session.attributes["reqscope.request_id"] == response.headers["x-request-id"]
