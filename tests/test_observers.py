@@ -105,3 +105,15 @@ async def test_replica_sessions_are_observed_too(tmp_path: Path) -> None:
             where = (await session.execute(sa.text("SELECT name FROM whereami"))).scalar()
     assert where == "replica"
     assert closed == ["alice"]
+
+
+async def test_an_observer_that_removes_itself_skips_no_other(tmp_path: Path) -> None:
+    closed: list[str] = []
+    alice = UserExecutionContext.create("alice")
+    async with IsolatedSessionFactory(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}") as factory:
+        stop = factory.on_session_close(lambda _record: (closed.append("once"), stop()))
+        factory.on_session_close(lambda _record: closed.append("always"))
+        for _ in range(2):
+            async with factory.session(alice):
+                pass
+    assert closed == ["once", "always", "always"]

@@ -192,31 +192,31 @@ class SessionKeeper:
 
     def scope_opened(self, entry: Entry) -> None:
         """``entry``'s session was opened."""
-        for observer in self.observers:
+        for observer in tuple(self.observers):  # an observer may remove itself
             with _observer_errors_logged():
                 observer.session_opened(entry)
 
     def scope_began(self, entry: Entry) -> None:
         """``entry``'s session got its first connection."""
-        for observer in self.observers:
+        for observer in tuple(self.observers):  # an observer may remove itself
             with _observer_errors_logged():
                 observer.session_began(entry)
 
     def scope_ended(self, entry: Entry, *, committed: bool, error: BaseException | None) -> None:
         """``entry``'s scope ended."""
-        for observer in self.observers:
+        for observer in tuple(self.observers):  # an observer may remove itself
             with _observer_errors_logged():
                 observer.session_closed(entry, committed=committed, error=error)
 
     def leaked(self, entry: Entry, report: LeakReport) -> None:
         """The leak detector reported ``entry``."""
-        for observer in self.observers:
+        for observer in tuple(self.observers):  # an observer may remove itself
             with _observer_errors_logged():
                 observer.session_leaked(entry, report)
 
     def refused(self, entry: Entry, error: ReqscopeError) -> None:
         """A use of ``entry``'s session was refused with ``error``."""
-        for observer in self.observers:
+        for observer in tuple(self.observers):  # an observer may remove itself
             with _observer_errors_logged():
                 observer.session_refused(entry, error)
 
