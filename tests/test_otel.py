@@ -130,7 +130,9 @@ async def test_metrics_follow_the_conventions_and_match_factory_metrics(
         collected = collect(reader)
 
     # every metric of the table, with its unit and instrument
-    assert set(collected) == {metric.name for metric in METRICS} - {"reqscope.agents.created"}
+    assert set(collected) == {
+        metric.name for metric in METRICS if not metric.name.startswith("reqscope.agents.")
+    }
     for name, (unit, data_type, monotonic) in SEMCONV_POOL_METRICS.items():
         assert collected[name].unit == unit, name
         assert isinstance(collected[name].data, data_type), name
@@ -138,7 +140,7 @@ async def test_metrics_follow_the_conventions_and_match_factory_metrics(
             assert collected[name].data.is_monotonic is monotonic, name
     for metric in METRICS:
         if metric.name not in collected:
-            continue  # reqscope.agents.created: without an agent factory
+            continue  # reqscope.agents.*: without an agent factory
         data = collected[metric.name].data
         expected = {
             "counter": Sum,
@@ -338,12 +340,15 @@ async def test_agents_and_event_drops_are_counted(
         async with agents.scope(alice) as scope:
             scope.create("agent")
             scope.create("agent")
+            assert value(collect(reader)["reqscope.agents.active_scopes"]) == 1
         async with hub.connect(alice):
             emitter = hub.emitter(alice)
             for n in range(3):  # a queue of 1: two dropped
                 await emitter.emit("tick", {"n": n})
             collected = collect(reader)
     assert value(collected["reqscope.agents.created"]) == 2
+    assert value(collected["reqscope.agents.scopes"]) == 1
+    assert value(collected["reqscope.agents.active_scopes"]) == 0
     assert value(collected["reqscope.events.connections"]) == 1
     assert value(collected["reqscope.events.delivered"]) == 3
     assert value(collected["reqscope.events.dropped"]) == 2

@@ -313,6 +313,7 @@ class AgentScope:
             )
 
     async def __aenter__(self) -> Self:
+        self.factory.scopes_opened += 1
         return self
 
     async def __aexit__(
@@ -323,9 +324,12 @@ class AgentScope:
     ) -> None:
         self.closed = True
         agents, self._agents = self._agents, []
-        with anyio.CancelScope(shield=True):
-            for agent in reversed(agents):
-                await self.factory._cleanup(agent, self.context)  # noqa: SLF001
+        try:
+            with anyio.CancelScope(shield=True):
+                for agent in reversed(agents):
+                    await self.factory._cleanup(agent, self.context)  # noqa: SLF001
+        finally:
+            self.factory.scopes_closed += 1
 
 
 @functools.lru_cache(maxsize=512)
@@ -369,6 +373,8 @@ class AgentInstanceFactory:
         self.cleanup_timeout = cleanup_timeout
         self.agents_created = 0
         self.agents_cleaned = 0
+        self.scopes_opened = 0  # agent scopes entered
+        self.scopes_closed = 0  # and ended (open now: the difference)
         self.cleanup_failures = 0
         self.isolation_violations = 0
 

@@ -171,6 +171,18 @@ METRICS: Final[tuple[Metric, ...]] = (
         "Transactions run_in_transaction() ran again after a conflict.",
     ),
     Metric(
+        "reqscope.agents.scopes",
+        "counter",
+        "{scope}",
+        "Agent scopes opened (with an agent factory).",
+    ),
+    Metric(
+        "reqscope.agents.active_scopes",
+        "updowncounter",
+        "{scope}",
+        "Agent scopes open now (with an agent factory).",
+    ),
+    Metric(
         "reqscope.agents.created",
         "counter",
         "{agent}",
@@ -254,6 +266,8 @@ def read(
     put("reqscope.breaker.transitions", factory.circuit_breaker.transitions)
     put("reqscope.transactions.retries", metrics.transaction_retries)
     if agents is not None:
+        put("reqscope.agents.scopes", agents.scopes_opened)
+        put("reqscope.agents.active_scopes", agents.scopes_opened - agents.scopes_closed)
         put("reqscope.agents.created", agents.agents_created)
     if hub is not None:
         events = hub.stats()
