@@ -128,6 +128,21 @@ async def test_asyncpg_cancellations_are_read_unless_fallbacks_are_forced() -> N
     pending.cancel()
 
 
+def test_connection_start_stamps_are_read_unless_fallbacks_are_forced() -> None:
+    from sqlalchemy.pool.base import _ConnectionRecord
+
+    assert "starttime" in _ConnectionRecord.__slots__  # what the private path reads
+
+    class Record:
+        starttime = 1234.5
+
+    expected = None if _compat.FALLBACKS_FORCED else 1234.5
+    assert _compat.connection_started_at(Record()) == expected
+    Record.starttime = 0  # a record that never connected: SQLAlchemy's int 0
+    assert _compat.connection_started_at(Record()) is None
+    assert _compat.connection_started_at(object()) is None
+
+
 def test_the_isolation_suites_pass_with_every_fallback_forced(tmp_path) -> None:
     """Run the session, enforcement and pool suites with REQSCOPE_COMPAT_FALLBACKS=1.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,8 +22,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
+import reqscope._telemetry
 import reqscope.otel
-from conftest import Database
+from conftest import Database, marked_sqlite
 from reqscope import (
     AgentInstanceFactory,
     AgentRegistry,
@@ -286,13 +288,18 @@ async def test_user_ids_on_spans_when_asked(
     spans: InMemorySpanExporter,
     tracer_provider: TracerProvider,
 ) -> None:
-    alice = UserExecutionContext.create("alice")
+    alice, bob = UserExecutionContext.create("alice"), UserExecutionContext.create("bob")
     with instrument(otel_factory, tracer_provider=tracer_provider, record_user_ids=True):
         async with otel_factory.session(alice):
             pass
-    (span,) = spans.get_finished_spans()
-    assert span.attributes["user.id"] == "alice"
-    assert [e.name for e in span.events] == ["reqscope.rollback"]  # it never ran a statement
+        async with otel_factory.session(alice) as session:
+            with pytest.raises(IsolationViolation), use_context(bob):
+                await session.execute(sa.text("SELECT 1"))
+    unused, refused = sorted(spans.get_finished_spans(), key=lambda s: s.start_time)
+    assert unused.attributes["user.id"] == "alice"
+    assert [e.name for e in unused.events] == ["reqscope.rollback"]  # it ran no statement
+    (violation,) = [e for e in refused.events if e.name == "reqscope.violation"]
+    assert "'bob'" in violation.attributes["exception.message"]  # it names the users
 
 
 async def test_leaks_and_violations_are_span_events_with_stacks(
@@ -375,3 +382,37 @@ async def test_connection_times_are_recorded_when_collected_or_when_many_are_pen
         assert len(instrumentation._pending) == 1  # two were recorded at the second
     (use,) = points(collect(reader)["db.client.connection.use_time"])
     assert use.count == 6  # close() recorded the last one
+
+
+async def test_without_the_pools_connect_stamp_no_create_time_is_recorded(
+    otel_factory: IsolatedSessionFactory,
+    reader: InMemoryMetricReader,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # _compat's fallback (REQSCOPE_COMPAT_FALLBACKS=1, or a SQLAlchemy without the stamp)
+    monkeypatch.setattr(reqscope._telemetry, "connection_started_at", lambda _record: None)
+    with instrument(otel_factory, meter_provider=MeterProvider(metric_readers=[reader])):
+        await load(otel_factory, users=1, rounds=2)
+        collected = collect(reader)
+    assert "db.client.connection.create_time" not in collected  # no sample, no metric
+    (use,) = points(collected[USE_TIME])
+    assert use.count == 2
+
+
+async def test_each_replica_is_a_pool_of_its_own(
+    tmp_path: Path, reader: InMemoryMetricReader
+) -> None:
+    primary = await marked_sqlite(tmp_path / "primary.db", "primary")
+    replica = await marked_sqlite(tmp_path / "replica.db", "replica")
+    alice = UserExecutionContext.create("alice")
+    async with IsolatedSessionFactory(primary, replicas=[replica], name="orders") as factory:
+        with instrument(factory, meter_provider=MeterProvider(metric_readers=[reader])):
+            async with factory.session(alice, read_only=True) as session:
+                await session.execute(sa.text("SELECT 1"))
+            collected = collect(reader)
+    replica_name = str(tmp_path / "replica.db")
+    pools = {p.attributes[POOL_NAME] for p in points(collected["db.client.connection.max"])}
+    assert pools == {"orders", replica_name}
+    (use,) = points(collected[USE_TIME])
+    assert use.attributes[POOL_NAME] == replica_name
+    assert value(collected["reqscope.sessions.opened"]) == 1  # counted once, for the factory

@@ -163,3 +163,16 @@ async def test_connect_args_of_yours_are_added_to_reqscopes() -> None:
         assert args["statement_cache_size"] == 0  # reqscope's stays
     finally:
         await engine.dispose()
+
+
+def test_a_pools_name_is_host_port_and_database() -> None:
+    from sqlalchemy.engine import make_url
+
+    from reqscope._pool import pool_name
+
+    assert pool_name(make_url("postgresql+asyncpg://u:secret@db.internal/orders")) == (
+        "db.internal:5432/orders"
+    )
+    assert pool_name(make_url("mysql+asyncmy://root@127.0.0.1:3307/test")) == "127.0.0.1:3307/test"
+    assert pool_name(make_url("sqlite+aiosqlite:////srv/app.db")) == "/srv/app.db"
+    assert pool_name(make_url("oracle+oracledb://u@h/db")) == "h/db"  # no port known

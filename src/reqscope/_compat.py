@@ -21,6 +21,10 @@ that way, so each fallback is exercised, not just written.
 - **SQLAlchemy's ``QueuePool._max_overflow``**, for a pool's capacity in ``PoolStats``.
   Fallback: the overflow of pools :func:`~reqscope.build_engine` made, else the overflow in
   use now (a lower bound).
+- **SQLAlchemy's ``_ConnectionRecord.starttime``**, which the pool stamps just before it
+  opens a connection: the start of ``db.client.connection.create_time`` (no public event
+  fires before a pool's creator runs when the engine has one, as reqscope's engines do).
+  Fallback: that histogram records nothing.
 - **asyncpg's ``Connection._cancellations``**, the CancelRequests asyncpg sends by itself
   when a statement's task is cancelled. Behind a pooler in transaction mode reqscope waits
   for them before SQLAlchemy force-closes the connection (which would abort them half-way:
@@ -59,6 +63,7 @@ __all__ = [
     "aiosqlite_stopped",
     "anyio_may_cancel",
     "asyncpg_cancellations",
+    "connection_started_at",
     "fair_pool_class",
     "handoff_queue_of",
     "pool_max_overflow",
@@ -226,6 +231,15 @@ def pool_max_overflow(pool: Pool) -> int | None:
     if isinstance(value, int):
         return value
     return _MAX_OVERFLOW.get(pool)
+
+
+# -- connection records -------------------------------------------------------------------
+
+
+def connection_started_at(record: Any) -> float | None:
+    """When the pool began opening ``record``'s connection (``time.time()``), if known."""
+    started = None if FALLBACKS_FORCED else getattr(record, "starttime", None)
+    return started if isinstance(started, float) else None
 
 
 # -- asyncpg ------------------------------------------------------------------------------

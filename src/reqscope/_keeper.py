@@ -10,7 +10,6 @@ its event hooks, observation and health.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +24,7 @@ from reqscope._registry import Entry, EntryState, SessionRegistry
 from reqscope.exceptions import IsolationViolation, PoolExhaustedError, ReqscopeError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator, Mapping
+    from collections.abc import Awaitable, Callable, Mapping
 
     from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
@@ -190,35 +189,34 @@ class SessionKeeper:
 
     # -- telling the observers (their errors are logged, never raised into the request) ----
 
+    def _tell(self, call: Callable[[SessionObserver], None]) -> None:
+        for observer in tuple(self.observers):  # an observer may remove itself
+            try:
+                call(observer)
+            except Exception:  # noqa: PERF203 - an observer's bug must not fail the request
+                logger.exception("reqscope: a session observer failed")
+
     def scope_opened(self, entry: Entry) -> None:
         """``entry``'s session was opened."""
-        for observer in tuple(self.observers):  # an observer may remove itself
-            with _observer_errors_logged():
-                observer.session_opened(entry)
+        self._tell(lambda observer: observer.session_opened(entry))
 
     def scope_began(self, entry: Entry) -> None:
         """``entry``'s session got its first connection."""
-        for observer in tuple(self.observers):  # an observer may remove itself
-            with _observer_errors_logged():
-                observer.session_began(entry)
+        self._tell(lambda observer: observer.session_began(entry))
 
     def scope_ended(self, entry: Entry, *, committed: bool, error: BaseException | None) -> None:
         """``entry``'s scope ended."""
-        for observer in tuple(self.observers):  # an observer may remove itself
-            with _observer_errors_logged():
-                observer.session_closed(entry, committed=committed, error=error)
+        self._tell(
+            lambda observer: observer.session_closed(entry, committed=committed, error=error)
+        )
 
     def leaked(self, entry: Entry, report: LeakReport) -> None:
         """The leak detector reported ``entry``."""
-        for observer in tuple(self.observers):  # an observer may remove itself
-            with _observer_errors_logged():
-                observer.session_leaked(entry, report)
+        self._tell(lambda observer: observer.session_leaked(entry, report))
 
     def refused(self, entry: Entry, error: ReqscopeError) -> None:
         """A use of ``entry``'s session was refused with ``error``."""
-        for observer in tuple(self.observers):  # an observer may remove itself
-            with _observer_errors_logged():
-                observer.session_refused(entry, error)
+        self._tell(lambda observer: observer.session_refused(entry, error))
 
     def reclaim(self, entry: Entry, defer: bool) -> None:
         """Poison a leaked session and invalidate its connection (the leak detector's).
@@ -241,11 +239,3 @@ class SessionKeeper:
     def reclaimed_on(self, conn: Connection) -> Entry | None:
         """The record of the reclaimed session that held ``conn``, if one did."""
         return self._reclaimed.get(conn)
-
-
-@contextlib.contextmanager
-def _observer_errors_logged() -> Iterator[None]:
-    try:
-        yield
-    except Exception:  # an observer's bug must not fail the request
-        logger.exception("reqscope: a session observer failed")

@@ -30,8 +30,7 @@ class Monitor:
         factory: the factory to report on.
         hub: an event hub to report on too (``/health``'s ``"events"``, metrics).
         agents: an agent factory to count too (metrics).
-        prometheus: serve ``/metrics`` (needs ``reqscope[prometheus]``).
-        page: serve the operator page and its ``/state``.
+        prometheus: answer ``/metrics`` (needs ``reqscope[prometheus]``).
     """
 
     def __init__(
@@ -41,11 +40,9 @@ class Monitor:
         hub: EventHub | None = None,
         agents: AgentInstanceFactory | None = None,
         prometheus: bool = False,
-        page: bool = False,
     ) -> None:
         self.factory = factory
         self.hub = hub
-        self.page_enabled = page
         self.prometheus: PrometheusMetrics | None = None
         if prometheus:
             try:
@@ -90,7 +87,7 @@ class Monitor:
     def metrics_text(self) -> tuple[bytes, str]:
         """The Prometheus exposition and its content type (``prometheus=True``)."""
         if self.prometheus is None:
-            raise ReqscopeError("this monitor was made without prometheus=True")
+            raise ReqscopeError("no Prometheus exposition: make the monitor with prometheus=True")
         return self.prometheus.exposition(), self.prometheus.content_type
 
     def state(self) -> dict[str, Any]:
@@ -119,8 +116,3 @@ class Monitor:
         template = importlib.resources.files("reqscope").joinpath("_page.html").read_text()
         # JSON in a script: "</" would end the script element
         return template.replace("__STATE_URL__", json.dumps(state_url).replace("</", "<\\/"))
-
-    def close(self) -> None:
-        """Stop what the monitor records (the Prometheus histograms)."""
-        if self.prometheus is not None:
-            self.prometheus.close()

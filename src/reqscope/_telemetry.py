@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from sqlalchemy import event
 
 from reqscope._breaker import CircuitState
-from reqscope._compat import handoff_queue_of
+from reqscope._compat import connection_started_at, handoff_queue_of
 from reqscope._logging import get_logger
 from reqscope._pool import pool_name, pool_stats
 
@@ -314,8 +314,7 @@ class PoolTimings:
         checked_out = self._checked_out
 
         def connected(_dbapi: Any, record: Any) -> None:
-            # The pool stamps a connection record (wall clock) just before it connects.
-            started = getattr(record, "starttime", None)
+            started = connection_started_at(record)  # wall clock, just before connecting
             if started is not None:
                 self._safely("db.client.connection.create_time", time.time() - started, name)
 

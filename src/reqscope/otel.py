@@ -99,7 +99,6 @@ class Instrumentation:
         self._closed = False
         self._histograms: dict[str, metrics.Histogram] = {}
         self._pending: collections.deque[tuple[str, float, str]] = collections.deque()
-        observed: list[metrics.Asynchronous] = []
         for metric in METRICS:
             if metric.kind == "histogram":
                 self._histograms[metric.name] = meter.create_histogram(
@@ -115,15 +114,9 @@ class Instrumentation:
                 "gauge": meter.create_observable_gauge,
             }[metric.kind]
             callback = self._observe(metric.name, factory, hub, agents)
-            observed.append(
-                create(
-                    metric.name,
-                    callbacks=[callback],
-                    unit=metric.unit,
-                    description=metric.description,
-                )
+            create(
+                metric.name, callbacks=[callback], unit=metric.unit, description=metric.description
             )
-        self._observed = observed
         self._attributes: dict[str, dict[str, str]] = {}  # pool name -> its attributes
         self._timings = PoolTimings(factory, self._record)
         self._timings.install()

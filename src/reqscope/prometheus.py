@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from reqscope._telemetry import METRICS, POOL_NAME, SECONDS_BUCKETS, Metric, PoolTimings, read
+from reqscope.exceptions import ReqscopeError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -64,7 +65,14 @@ class PrometheusMetrics:
     ) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
         self._collector = _Collector(factory, hub, agents)
-        self.registry.register(self._collector)
+        try:
+            self.registry.register(self._collector)
+        except ValueError as error:  # prometheus-client: "Duplicated timeseries ..."
+            raise ReqscopeError(
+                "this registry already has reqscope's metrics (a PrometheusMetrics made "
+                "earlier, not closed); one PrometheusMetrics per registry: close() the other, "
+                "or leave registry= out for a registry of its own"
+            ) from error
         self._histograms = {
             metric.name: Histogram(
                 prometheus_name(metric),

@@ -227,7 +227,7 @@ async def test_prometheus_without_its_client_says_what_to_install(
     monkeypatch.setitem(sys.modules, "reqscope.prometheus", None)
     with pytest.raises(ReqscopeError, match=r'pip install "reqscope\[prometheus\]"'):
         Monitor(monitored, prometheus=True)
-    with pytest.raises(ReqscopeError, match="without prometheus=True"):
+    with pytest.raises(ReqscopeError, match="make the monitor with prometheus=True"):
         Monitor(monitored).metrics_text()
 
 
@@ -235,8 +235,10 @@ async def test_one_registry_refuses_a_second_exporter_and_close_frees_it(
     monitored: IsolatedSessionFactory,
 ) -> None:
     first = PrometheusMetrics(monitored)
-    with pytest.raises(ValueError, match="Duplicated"):
+    with pytest.raises(ReqscopeError, match="one PrometheusMetrics per registry") as refused:
         PrometheusMetrics(monitored, registry=first.registry)
+    assert isinstance(refused.value.__cause__, ValueError)
+    assert "Duplicated" in str(refused.value.__cause__)
     first.close()
     first.close()  # twice is fine
     second = PrometheusMetrics(monitored, registry=first.registry)  # the names are free again

@@ -254,7 +254,7 @@ def monitoring_router(
     (``reqscope[prometheus]``); with ``page=True``, ``{prefix}/`` serves the operator page,
     which refreshes itself from ``{prefix}/state``. Both run ``dependencies`` too.
     """
-    monitor = Monitor(factory, hub=hub, agents=agents, prometheus=prometheus, page=page)
+    monitor = Monitor(factory, hub=hub, agents=agents, prometheus=prometheus)
     router = APIRouter(prefix=prefix, tags=["reqscope"])
     guarded = list(dependencies)
 

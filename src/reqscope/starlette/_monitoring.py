@@ -43,9 +43,7 @@ def monitoring_routes(
     Example:
         >>> app = Starlette(routes=[..., monitoring_routes(factory, guard=is_operator)])
     """
-    endpoints = _Endpoints(
-        Monitor(factory, hub=hub, agents=agents, prometheus=prometheus, page=page), guard
-    )
+    endpoints = _Endpoints(Monitor(factory, hub=hub, agents=agents, prometheus=prometheus), guard)
     guarded = endpoints.guarded
     routes = [
         Route("/health", endpoints.health),
